@@ -1,0 +1,20 @@
+"""klime: the Python SDK for Klime customer analytics.
+
+>>> from klime import KlimeClient
+>>> client = KlimeClient(write_key="...")          # doctest: +SKIP
+>>> client.track("Report Generated", user_id="u1")  # doctest: +SKIP
+"""
+
+from ._event import Event
+from ._version import __version__
+from .client import KlimeClient
+from .types import BatchResponse, SendError, ValidationError
+
+__all__ = [
+    "BatchResponse",
+    "Event",
+    "KlimeClient",
+    "SendError",
+    "ValidationError",
+    "__version__",
+]

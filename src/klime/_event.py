@@ -1,0 +1,312 @@
+"""The queued event, and everything about turning events into wire bytes.
+
+The caller's thread only builds an :class:`Event` from already-validated
+arguments. Message ids, timestamp strings and JSON are produced later, on the
+flusher thread (or the caller of a ``*_sync`` method), because they are only
+needed on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from enum import Enum
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from uuid import UUID
+
+from ._version import __version__
+
+LIBRARY_NAME = "python-sdk"
+MAX_EVENT_BYTES = 200 * 1024
+MAX_BODY_BYTES = 10 * 1024 * 1024
+
+_BODY_HEAD = b'{"batch":['
+_BODY_TAIL = b"]}"
+# Shared by every event's wire dict; never handed to user code (see to_dict).
+_CONTEXT: Dict[str, Any] = {"library": {"name": LIBRARY_NAME, "version": __version__}}
+
+
+class Event:
+    """One queued analytics call, as it will be sent.
+
+    Attributes use the wire names: ``type``, ``event``, ``userId``,
+    ``groupId``, ``properties``, ``traits``, ``messageId``, ``timestamp`` and
+    ``context``. ``messageId`` and ``timestamp`` are produced lazily (off the
+    caller's thread) unless given explicitly; once read they never change, so
+    a retried event keeps its id. :meth:`to_dict` gives the exact JSON object
+    that is (or would be) sent.
+    """
+
+    __slots__ = (
+        "type", "event", "userId", "groupId", "properties", "traits", "_time", "_id", "_ts", "_seq",
+    )
+
+    def __init__(
+        self,
+        type: str,
+        event: Optional[str],
+        user_id: Optional[str],
+        group_id: Optional[str],
+        properties: Optional[Dict[str, Any]],
+        traits: Optional[Dict[str, Any]],
+        time_: float,
+        message_id: Optional[str] = None,
+        timestamp: Optional[str] = None,
+    ) -> None:
+        self.type = type
+        self.event = event
+        self.userId = user_id
+        self.groupId = group_id
+        self.properties = properties
+        self.traits = traits
+        self._time = time_
+        self._id = message_id
+        self._ts = timestamp
+        self._seq = -1  # position in the client's queue order, set when queued
+
+    @property
+    def messageId(self) -> str:  # noqa: N802 - wire name, kept for drop-in compatibility
+        """The event's UUID v4 (or the ``message_id=`` given by the caller)."""
+        if self._id is None:
+            self._id = new_message_ids(1)[0]
+        return self._id
+
+    @property
+    def timestamp(self) -> str:
+        """When the call was made: UTC, ISO 8601 with milliseconds and ``Z``."""
+        if self._ts is None:
+            self._ts = format_epoch(self._time)
+        return self._ts
+
+    @property
+    def context(self) -> Dict[str, Any]:
+        """The library context sent with every event."""
+        return {"library": dict(_CONTEXT["library"])}
+
+    def wire(self) -> Dict[str, Any]:
+        """The wire object with Python values not yet JSON-encoded (internal)."""
+        d: Dict[str, Any] = {"type": self.type, "messageId": self.messageId, "timestamp": self.timestamp}
+        if self.event is not None:
+            d["event"] = self.event
+        if self.userId is not None:
+            d["userId"] = self.userId
+        if self.groupId is not None:
+            d["groupId"] = self.groupId
+        if self.properties is not None:
+            d["properties"] = self.properties
+        if self.traits is not None:
+            d["traits"] = self.traits
+        d["context"] = _CONTEXT
+        return d
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The event's wire form: a fresh JSON-compatible dict.
+
+        Raises ``ValueError``/``TypeError`` if a property or trait value
+        cannot be encoded (such an event is never sent).
+        """
+        result: Dict[str, Any] = json.loads(encode(self.wire()))
+        return result
+
+    def __repr__(self) -> str:
+        name = f" {self.event!r}" if self.event is not None else ""
+        return f"<Event {self.type}{name} userId={self.userId!r} groupId={self.groupId!r} messageId={self._id!r}>"
+
+
+# --- message ids -----------------------------------------------------------
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def new_message_ids(n: int) -> List[str]:
+    """``n`` random UUID v4 strings.
+
+    One ``os.urandom`` call for the lot: it is fork-safe (no generator state
+    to reseed in a child) and much cheaper than ``uuid.uuid4()`` per event.
+    """
+    raw = os.urandom(16 * n).hex()
+    out = []
+    for i in range(0, 32 * n, 32):
+        h = raw[i : i + 32]
+        out.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
+    return out
+
+
+def assign_message_ids(events: Sequence[Event]) -> None:
+    """Give every event without an id one, in a single batch of randomness."""
+    missing = [ev for ev in events if ev._id is None]
+    if missing:
+        for ev, mid in zip(missing, new_message_ids(len(missing))):
+            ev._id = mid
+
+
+# --- timestamps ------------------------------------------------------------
+
+_second_cache: Tuple[int, str] = (-(2**62), "")
+
+
+def format_epoch(t: float) -> str:
+    """Seconds since the epoch -> ``YYYY-MM-DDTHH:MM:SS.mmmZ``.
+
+    Events arrive in bursts within the same second, so the part up to the
+    second is cached; the cache is a single tuple, so a race only costs a
+    recomputation.
+    """
+    global _second_cache
+    sec = math.floor(t)
+    ms = int((t - sec) * 1000)
+    cached_sec, prefix = _second_cache
+    if cached_sec != sec:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        _second_cache = (sec, prefix)
+    return f"{prefix}{ms:03d}Z"
+
+
+def coerce_timestamp(value: Any) -> str:
+    """A caller's ``timestamp=`` (datetime or ISO 8601 string) -> wire string.
+
+    Naive datetimes are taken as UTC. Raises ``TypeError``/``ValueError``
+    with a message that says what is accepted.
+    """
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text[-1:] in ("Z", "z"):
+            text = text[:-1] + "+00:00"
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(
+                f"timestamp {value!r} is not an ISO 8601 date-time; "
+                "pass a datetime or a string like '2026-11-22T10:04:05.123Z'"
+            ) from None
+    else:
+        raise TypeError(
+            f"timestamp must be a datetime or an ISO 8601 string, not {type(value).__name__}"
+        )
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    dt = dt.astimezone(timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+# --- JSON ------------------------------------------------------------------
+
+
+def _default(o: Any) -> Any:
+    """Encode the non-JSON types SPEC 3.5 allows; anything else is an error."""
+    if isinstance(o, datetime):
+        if o.tzinfo is None:
+            return o.isoformat() + "Z"
+        return o.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    if isinstance(o, date):
+        return o.isoformat()
+    if isinstance(o, Decimal):
+        if not o.is_finite():
+            raise ValueError(f"Decimal {o} is not a finite number and cannot be sent as JSON")
+        if o == o.to_integral_value() and abs(o) < 2**53:
+            return int(o)
+        return float(o)
+    if isinstance(o, UUID):
+        return str(o)
+    if isinstance(o, Enum):
+        return o.value
+    if isinstance(o, (set, frozenset)):
+        return list(o)
+    raise TypeError(f"value of type {type(o).__name__} is not JSON serializable: {o!r:.80}")
+
+
+_encoder = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_default
+)
+
+
+def encode(obj: Any) -> bytes:
+    """Strict UTF-8 JSON (no NaN/Infinity); raises ValueError/TypeError."""
+    return _encoder.encode(obj).encode("utf-8")
+
+
+@dataclass
+class Rejected:
+    """Events that can never be sent, with the reason and what to tell the user."""
+
+    reason: str
+    message: str
+    events: List[Event]
+
+
+@dataclass
+class Prepared:
+    """The result of turning a run of events into one request body."""
+
+    events: List[Event]
+    body: bytes
+    rejected: List[Rejected] = field(default_factory=list)
+    rest: List[Event] = field(default_factory=list)
+
+
+def prepare_batch(events: Sequence[Event], max_body: int = MAX_BODY_BYTES) -> Prepared:
+    """Encode ``events`` into one request body, isolating events that cannot go.
+
+    Fast path: the whole batch is encoded in one call; if that works and the
+    body is no larger than one event may be, no event can be oversize.
+    Otherwise each event is encoded on its own so that a bad or huge event is
+    rejected alone and the body stays under ``max_body``; events that do not
+    fit are returned in ``rest`` for the next request.
+    """
+    assign_message_ids(events)
+    try:
+        body = encode({"batch": [ev.wire() for ev in events]})
+    except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+        body = b""
+    if body and len(body) <= MAX_EVENT_BYTES:
+        return Prepared(list(events), body)
+
+    good: List[Event] = []
+    parts: List[bytes] = []
+    rejected: List[Rejected] = []
+    size = len(_BODY_HEAD) + len(_BODY_TAIL)
+    rest: List[Event] = []
+    for i, ev in enumerate(events):
+        try:
+            part = encode(ev.wire())
+        except (ValueError, TypeError, RecursionError, UnicodeEncodeError) as exc:
+            rejected.append(Rejected("unencodable", f"event cannot be encoded as JSON: {exc}", [ev]))
+            continue
+        if len(part) > MAX_EVENT_BYTES:
+            rejected.append(
+                Rejected(
+                    "oversize",
+                    f"event is {len(part)} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit",
+                    [ev],
+                )
+            )
+            continue
+        extra = len(part) + (1 if parts else 0)
+        if size + extra > max_body and parts:
+            rest = list(events[i:])
+            break
+        parts.append(part)
+        good.append(ev)
+        size += extra
+    body = _BODY_HEAD + b",".join(parts) + _BODY_TAIL if parts else b""
+    return Prepared(good, body, rejected, rest)
+
+
+def copy_fields(value: Optional[Mapping[str, Any]], what: str) -> Dict[str, Any]:
+    """Validate properties/traits and copy their top level (SPEC 3.5, 3.7)."""
+    if value is None:
+        return {}
+    if type(value) is not dict and not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict (a mapping with string keys), not {type(value).__name__}")
+    copy = dict(value)
+    for key in copy:
+        if type(key) is not str and not isinstance(key, str):
+            raise TypeError(f"{what} keys must be strings; got key {key!r} of type {type(key).__name__}")
+    return copy

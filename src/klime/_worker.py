@@ -1,0 +1,379 @@
+"""The bounded queue and the one flusher thread.
+
+Every queued event gets a sequence number. Events finish strictly in that
+order: the batch in flight, then any batch remainder that did not fit in one
+request (``carry``), then events dropped on overflow, then the queue. So
+"every event before N has finished" is one integer, ``finished``, and
+``flush()`` only has to wait for ``finished >= N``.
+
+When a flush or shutdown deadline passes, the waiting thread *claims* every
+unfinished event before its target: it takes them out of the queue (or marks
+the batch in flight as claimed, so the flusher will not report it again) and
+hands them to ``on_error`` itself. Each event is reported exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Deque, List, Optional
+
+from ._event import Event, Prepared, prepare_batch
+from ._transport import Sender, log_rejected
+from .types import BatchResponse, SendError
+
+# Captured once so that a test (or an application) freezing time with
+# freezegun does not stall the flusher: freezegun swaps ``time.monotonic``
+# but does not recognise this wrapper.
+_monotonic = functools.partial(time.monotonic)
+
+OnError = Callable[[Exception, List[Event]], None]
+OnSuccess = Callable[[BatchResponse], None]
+
+DROP_WARNING_INTERVAL = 10.0
+
+
+class _Batch:
+    """A run of events handed to the sender; ``claimed`` once it has been reported."""
+
+    __slots__ = ("events", "end", "claimed")
+
+    def __init__(self, events: List[Event]) -> None:
+        self.events = events
+        self.end = events[-1]._seq + 1
+        self.claimed = False
+
+
+class _Waiter:
+    """One ``flush()`` call: waits for events [start, target); ``ok`` turns False on any failure."""
+
+    __slots__ = ("start", "target", "ok")
+
+    def __init__(self, start: int, target: int) -> None:
+        self.start = start
+        self.target = target
+        self.ok = True
+
+
+class Worker:
+    """Owns the queue and the flusher thread of one client."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        batch_size: int,
+        queue_size: int,
+        flush_interval: float,
+        logger: logging.Logger,
+        on_error: Optional[OnError],
+        on_success: Optional[OnSuccess],
+    ) -> None:
+        self._sender = sender
+        self._batch_size = batch_size
+        self._queue_size = queue_size
+        self._interval = flush_interval
+        self._logger = logger
+        self._on_error = on_error
+        self._on_success = on_success
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state: at construction, and in a forked child."""
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # wakes the flusher
+        self._done = threading.Condition(self._lock)  # wakes flush() callers
+        self._queue: Deque[Event] = deque()
+        self._dropped: List[Event] = []
+        self._carry: List[Event] = []
+        self._inflight: Optional[_Batch] = None
+        self._waiters: List[_Waiter] = []
+        self._enqueued = 0
+        self._finished = 0
+        self._flush_upto = 0
+        self._wake_pending = False
+        self._accepting = True
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._interrupt = threading.Event()  # cuts a retry wait short
+        self._drops_unlogged = 0
+        self._last_drop_log = -DROP_WARNING_INTERVAL
+
+    # --- the caller's side -------------------------------------------------
+
+    def put(self, ev: Event) -> bool:
+        """Queue one event: no I/O, no callbacks. False once shut down."""
+        with self._lock:
+            if not self._accepting:
+                return False
+            q = self._queue
+            if len(q) >= self._queue_size:
+                # Reported (on_error, rate-limited log) by the flusher, never here.
+                self._dropped.append(q.popleft())
+            ev._seq = self._enqueued
+            self._enqueued += 1
+            q.append(ev)
+            if len(q) >= self._batch_size and not self._wake_pending:
+                self._wake_pending = True
+                self._work.notify()
+            if self._thread is None:
+                self._start()
+        return True
+
+    def size(self) -> int:
+        """Events waiting to be sent (not counting a batch in flight)."""
+        return len(self._queue) + len(self._carry)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="klime-flusher", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: Optional[float], reason: str = "flush_deadline") -> bool:
+        """Wait until every event queued before this call is delivered or reported.
+
+        True when all of them were delivered. At the deadline the rest are
+        claimed and reported with ``reason``.
+        """
+        deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
+        with self._lock:
+            target = self._enqueued
+            if self._finished >= target:
+                return True
+            if threading.current_thread() is self._thread:
+                # Called from a callback on the flusher itself: waiting would deadlock.
+                self._logger.warning("klime: flush() called from a callback; not waiting")
+                return False
+            waiter = _Waiter(self._finished, target)
+            self._waiters.append(waiter)
+            if target > self._flush_upto:
+                self._flush_upto = target
+                self._work.notify()
+            try:
+                while self._finished < target:
+                    if deadline is None:
+                        self._done.wait()
+                        continue
+                    remaining = deadline - _monotonic()
+                    if remaining <= 0:
+                        break
+                    self._done.wait(remaining)
+            finally:
+                self._waiters.remove(waiter)
+            if self._finished >= target:
+                return waiter.ok
+        self._claim(target, reason)
+        return False
+
+    def shutdown(self, timeout: Optional[float], send: bool = True) -> bool:
+        """Stop accepting, deliver (or, with ``send=False``, report) what is queued, stop the thread."""
+        with self._lock:
+            self._accepting = False
+            target = self._enqueued
+        if send:
+            ok = self.flush(timeout, reason="shutdown_deadline")
+        else:
+            ok = self._claim(target, "not_flushed_at_exit") == 0
+        with self._lock:
+            self._stopping = True
+            self._work.notify()
+            thread = self._thread
+        self._interrupt.set()
+        if thread is not None and thread is not threading.current_thread():
+            # Everything is accounted for by now; only a request still in
+            # flight after a deadline can keep the thread, and it is a daemon.
+            thread.join(0.5 if ok else 0.05)
+        return ok
+
+    def _claim(self, target: int, reason: str) -> int:
+        """Take every unfinished event before ``target`` and report it as undelivered."""
+        groups: List[List[Event]] = []
+        with self._lock:
+            batch = self._inflight
+            if batch is not None and not batch.claimed and batch.events[0]._seq < target:
+                batch.claimed = True
+                self._interrupt.set()
+                groups.append(batch.events)
+                target = max(target, batch.end)
+            carry = [ev for ev in self._carry if ev._seq < target]
+            if carry:
+                self._carry = self._carry[len(carry) :]
+            dropped = [ev for ev in self._dropped if ev._seq < target]
+            if dropped:
+                self._dropped = self._dropped[len(dropped) :]
+            queued = []
+            q = self._queue
+            while q and q[0]._seq < target:
+                queued.append(q.popleft())
+            rest = carry + queued
+            if rest:
+                groups.append(rest)
+            for group in [*groups, dropped]:
+                if group:
+                    self._mark_failed(group[0]._seq, group[-1]._seq + 1)
+            if target > self._finished:
+                self._finished = target
+                self._done.notify_all()
+        count = sum(len(g) for g in groups) + len(dropped)
+        if dropped:
+            self._report_drops(dropped)
+        for group in groups:
+            what = {
+                "flush_deadline": "flush() timed out",
+                "shutdown_deadline": "shutdown timed out",
+                "not_flushed_at_exit": "the process exited with flush_on_shutdown=False",
+            }.get(reason, reason)
+            self._fail(SendError(f"{len(group)} event(s) not delivered: {what}", group, reason=reason))
+        return count
+
+    def after_fork(self, accepting: bool) -> None:
+        """In a forked child: the parent's queue, lock and thread stay the parent's."""
+        self._reset()
+        self._accepting = accepting
+
+    # --- the flusher thread ------------------------------------------------
+
+    def _run(self) -> None:
+        # A partial batch goes out once the interval has passed since the last send.
+        next_tick = _monotonic() + self._interval
+        while True:
+            with self._lock:
+                while True:
+                    self._wake_pending = False
+                    if self._carry:
+                        events, self._carry = self._carry, []
+                        kind = "batch"
+                        break
+                    if self._dropped:
+                        events, self._dropped = self._dropped, []
+                        kind = "drops"
+                        break
+                    q = self._queue
+                    now = _monotonic()
+                    if q and (
+                        len(q) >= self._batch_size
+                        or q[0]._seq < self._flush_upto
+                        or self._stopping
+                        or now >= next_tick
+                    ):
+                        events = [q.popleft() for _ in range(min(len(q), self._batch_size))]
+                        kind = "batch"
+                        next_tick = now + self._interval
+                        break
+                    if self._stopping:
+                        return
+                    self._work.wait(next_tick - now if q else self._interval)
+                if kind == "batch":
+                    batch = _Batch(events)
+                    self._inflight = batch
+                    self._interrupt.clear()
+            try:
+                if kind == "drops":
+                    self._report_drops(events)
+                    self._finish(events[-1]._seq + 1, [events[0]._seq, events[-1]._seq])
+                else:
+                    self._send(batch)
+            except Exception:  # pragma: no cover - a bug; keep the thread alive
+                self._logger.exception("klime: unexpected error in the flusher thread")
+
+    def _send(self, batch: _Batch) -> None:
+        prep: Prepared = prepare_batch(batch.events)
+        with self._lock:
+            if batch.claimed:
+                return  # reported at a deadline while it was being encoded
+            if prep.rest:
+                # Too big for one request: the tail goes first next time.
+                self._carry = prep.rest + self._carry
+                batch.end = prep.rest[0]._seq
+            batch.events = prep.events
+            if not prep.events:
+                batch.claimed = True
+                self._inflight = None
+        for rej in prep.rejected:
+            self._fail(SendError(rej.message, rej.events, reason=rej.reason))
+        failed_seqs = [ev._seq for rej in prep.rejected for ev in rej.events]
+        if not prep.events:
+            self._finish(batch.end, failed_seqs)
+            return
+        outcome: object
+        try:
+            outcome = self._sender.deliver(prep.body, prep.events, self._wait)
+        except SendError as exc:
+            outcome = exc
+        with self._lock:
+            claimed = batch.claimed
+            batch.claimed = True
+            self._inflight = None
+        if claimed:
+            if isinstance(outcome, BatchResponse):
+                self._logger.info(
+                    "klime: %d event(s) reported undelivered at a deadline were delivered afterwards",
+                    len(prep.events),
+                )
+            self._finish(batch.end, failed_seqs)
+            return
+        if isinstance(outcome, SendError):
+            self._fail(outcome)
+            failed_seqs.extend(ev._seq for ev in prep.events)
+        elif isinstance(outcome, BatchResponse):
+            failed_seqs.extend(ev._seq for ev in log_rejected(self._logger, outcome, prep.events))
+            self._safe_call(self._on_success, outcome)
+        self._finish(batch.end, failed_seqs)
+
+    def _finish(self, end: int, failed_seqs: Optional[List[int]]) -> None:
+        with self._lock:
+            if failed_seqs:
+                self._mark_failed(min(failed_seqs), max(failed_seqs) + 1)
+            if end > self._finished:
+                self._finished = end
+            self._done.notify_all()
+
+    def _mark_failed(self, lo: int, hi: int) -> None:
+        for w in self._waiters:
+            if lo < w.target and hi > w.start:
+                w.ok = False
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep between retries; False if a deadline or shutdown cut it short."""
+        return not self._interrupt.wait(seconds)
+
+    # --- reporting ---------------------------------------------------------
+
+    def _report_drops(self, events: List[Event]) -> None:
+        self._drops_unlogged += len(events)
+        now = _monotonic()
+        if now - self._last_drop_log >= DROP_WARNING_INTERVAL:
+            self._logger.warning(
+                "klime: queue full (max_queue_size=%d): dropped %d oldest event(s) since the last warning",
+                self._queue_size,
+                self._drops_unlogged,
+            )
+            self._drops_unlogged = 0
+            self._last_drop_log = now
+        self._report(
+            SendError(
+                f"{len(events)} event(s) dropped: the queue was full (max_queue_size={self._queue_size})",
+                events,
+                reason="queue_overflow",
+            )
+        )
+
+    def _fail(self, error: SendError) -> None:
+        """Log and report one undelivered group of events."""
+        if error.reason != "queue_overflow":
+            self._logger.error("klime: %s", error.message)
+        self._report(error)
+
+    def _report(self, error: SendError) -> None:
+        for ev in error.events:
+            ev.messageId  # noqa: B018 - fix the id before user code sees the event
+        self._safe_call(self._on_error, error, error.events)
+
+    def _safe_call(self, fn: Optional[Callable[..., None]], *args: object) -> None:
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception:
+            self._logger.exception("klime: the %s callback raised", getattr(fn, "__name__", "user"))
