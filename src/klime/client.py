@@ -163,7 +163,7 @@ class KlimeClient:
                 raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
         self._logger: logging.Logger = logger or logging.getLogger("klime")
 
-        transport = Transport(self.endpoint, write_key, self.request_timeout / 1000.0)
+        transport = self._make_transport(write_key)
         self._sender = Sender(
             transport, self.retry_max_attempts, self.retry_initial_delay / 1000.0, self._logger
         )
@@ -370,6 +370,10 @@ class KlimeClient:
         self.shutdown()
 
     # --- internals ---------------------------------------------------------------
+
+    def _make_transport(self, write_key: str) -> Transport:
+        """The HTTP layer; ``klime.testing`` overrides it to capture in memory."""
+        return Transport(self.endpoint, write_key, self.request_timeout / 1000.0)
 
     @staticmethod
     def _override(ev: Event, timestamp: Any, message_id: Optional[str]) -> Event:
