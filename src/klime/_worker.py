@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from ._event import Event, Prepared, prepare_batch
 from ._transport import Sender, log_rejected
@@ -33,6 +33,7 @@ _monotonic = functools.partial(time.monotonic)
 OnError = Callable[[Exception, List[Event]], None]
 OnSuccess = Callable[[BatchResponse], None]
 
+# At most one log line per failure reason in this many seconds.
 DROP_WARNING_INTERVAL = 10.0
 
 
@@ -98,8 +99,9 @@ class Worker:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._interrupt = threading.Event()  # cuts a retry wait short
-        self._drops_unlogged = 0
-        self._last_drop_log = -DROP_WARNING_INTERVAL
+        self._log_lock = threading.Lock()
+        # reason -> (when last logged, events and batches not logged since)
+        self._log_state: Dict[str, Tuple[float, int, int]] = {}
 
     # --- the caller's side -------------------------------------------------
 
@@ -180,6 +182,7 @@ class Worker:
             self._work.notify()
             thread = self._thread
         self._interrupt.set()
+        self._log_suppressed()
         if thread is not None and thread is not threading.current_thread():
             # Everything is accounted for by now; only a request still in
             # flight after a deadline can keep the thread, and it is a daemon.
@@ -341,17 +344,7 @@ class Worker:
     # --- reporting ---------------------------------------------------------
 
     def _report_drops(self, events: List[Event]) -> None:
-        self._drops_unlogged += len(events)
-        now = _monotonic()
-        if now - self._last_drop_log >= DROP_WARNING_INTERVAL:
-            self._logger.warning(
-                "klime: queue full (max_queue_size=%d): dropped %d oldest event(s) since the last warning",
-                self._queue_size,
-                self._drops_unlogged,
-            )
-            self._drops_unlogged = 0
-            self._last_drop_log = now
-        self._report(
+        self._fail(
             SendError(
                 f"{len(events)} event(s) dropped: the queue was full (max_queue_size={self._queue_size})",
                 events,
@@ -360,10 +353,45 @@ class Worker:
         )
 
     def _fail(self, error: SendError) -> None:
-        """Log and report one undelivered group of events."""
-        if error.reason != "queue_overflow":
-            self._logger.error("klime: %s", error.message)
+        """Log (rate-limited) and report one undelivered group of events."""
+        self._log_failure(error)
         self._report(error)
+
+    def _log_failure(self, error: SendError) -> None:
+        """One line per failure, except that a flood of the same kind is summarised.
+
+        Events that can never be sent (unencodable, oversize) are bugs in the
+        caller's data and always get their own line; outages and overflow can
+        fail thousands of batches, so those log at most once per interval per
+        reason, counting what was not logged.
+        """
+        reason = error.reason
+        if reason in ("unencodable", "oversize"):
+            self._logger.error("klime: %s", error.message)
+            return
+        now = _monotonic()
+        with self._log_lock:
+            last, events, batches = self._log_state.get(reason, (-DROP_WARNING_INTERVAL, 0, 0))
+            if now - last < DROP_WARNING_INTERVAL:
+                self._log_state[reason] = (last, events + len(error.events), batches + 1)
+                return
+            self._log_state[reason] = (now, 0, 0)
+        more = f" (and {events} more event(s) in {batches} batch(es) since the last such message)" if events else ""
+        level = logging.WARNING if reason == "queue_overflow" else logging.ERROR
+        self._logger.log(level, "klime: %s%s", error.message, more)
+
+    def _log_suppressed(self) -> None:
+        """At shutdown: say what the rate limit kept out of the log."""
+        with self._log_lock:
+            pending = [(r, e, b) for r, (_, e, b) in self._log_state.items() if e]
+            self._log_state.clear()
+        for reason, events, batches in pending:
+            self._logger.warning(
+                "klime: %d more event(s) in %d batch(es) were undelivered (%s) since the last such message",
+                events,
+                batches,
+                reason,
+            )
 
     def _report(self, error: SendError) -> None:
         for ev in error.events:
