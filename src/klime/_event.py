@@ -9,7 +9,6 @@ needed on the wire.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -158,8 +157,10 @@ def format_epoch(t: float) -> str:
     recomputation.
     """
     global _second_cache
-    sec = math.floor(t)
-    ms = int((t - sec) * 1000)
+    # Round to whole microseconds first (as datetime.fromtimestamp does):
+    # truncating the float directly turns e.g. ...05.998 into ...05.997.
+    sec, us = divmod(round(t * 1_000_000), 1_000_000)
+    ms = us // 1000
     cached_sec, prefix = _second_cache
     if cached_sec != sec:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))

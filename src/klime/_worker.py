@@ -152,7 +152,8 @@ class Worker:
             if target > self._flush_upto:
                 self._flush_upto = target
                 self._work.notify()
-            try:
+        try:
+            with self._lock:
                 while self._finished < target:
                     if deadline is None:
                         self._done.wait()
@@ -161,12 +162,14 @@ class Worker:
                     if remaining <= 0:
                         break
                     self._done.wait(remaining)
-            finally:
+                done = self._finished >= target
+            if not done:
+                # The waiter stays registered so that the claim marks it failed.
+                self._claim(target, reason)
+            return waiter.ok
+        finally:
+            with self._lock:
                 self._waiters.remove(waiter)
-            if self._finished >= target:
-                return waiter.ok
-        self._claim(target, reason)
-        return False
 
     def shutdown(self, timeout: Optional[float], send: bool = True) -> bool:
         """Stop accepting, deliver (or, with ``send=False``, report) what is queued, stop the thread."""
@@ -279,6 +282,8 @@ class Worker:
                     self._send(batch)
             except Exception:  # pragma: no cover - a bug; keep the thread alive
                 self._logger.exception("klime: unexpected error in the flusher thread")
+                # Never leave flush() callers waiting on events nobody owns.
+                self._finish(events[-1]._seq + 1, [events[0]._seq, events[-1]._seq])
 
     def _send(self, batch: _Batch) -> None:
         prep: Prepared = prepare_batch(batch.events)
