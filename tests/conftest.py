@@ -10,7 +10,7 @@ from pytest_httpserver import HTTPServer
 
 from klime import Event, KlimeClient
 
-from .servers import Collector
+from .servers import Collector, Held, RawRequest, RawServer, Reply, default_behaviour
 
 # Quick but realistic settings for tests; each test overrides what it checks.
 FAST = dict(flush_interval=60_000, retry_initial_delay=10, request_timeout=2_000, shutdown_timeout=5_000)
@@ -59,3 +59,25 @@ def make_client(recorder: Recorder) -> Iterator[Callable[..., KlimeClient]]:
     yield make
     for c in clients:
         c.shutdown(timeout=1)
+
+
+@pytest.fixture
+def raw_servers(make_client: Callable[..., KlimeClient]) -> Iterator[Callable[..., RawServer]]:
+    """Start RawServers; closed (and Held gates released) before ``make_client`` shuts clients down.
+
+    Depending on ``make_client`` makes this fixture tear down first, so a
+    client stuck on a hanging server sees its connection close instead of
+    waiting out its shutdown timeout.
+    """
+    servers: List[RawServer] = []
+
+    def start(behaviour: Callable[[RawRequest], Reply] = default_behaviour) -> RawServer:
+        server = RawServer(behaviour)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if isinstance(server.behaviour, Held):
+            server.behaviour.release()
+        server.close()

@@ -246,3 +246,56 @@ def refused_url() -> str:
     port = s.getsockname()[1]
     s.close()
     return f"http://127.0.0.1:{port}"
+
+
+class Held:
+    """A RawServer behaviour that answers 200 but holds chosen requests.
+
+    Requests are numbered in arrival order from 0; each number in ``hold``
+    waits (a hanging endpoint) until :meth:`release` is called for it, so a
+    test decides exactly when the flusher's send completes.
+    """
+
+    def __init__(self, *hold: int, limit: float = 30.0) -> None:
+        self.gates = {n: threading.Event() for n in hold}
+        self.limit = limit
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, req: RawRequest) -> Reply:
+        with self._lock:
+            n = self.count
+            self.count += 1
+        gate = self.gates.get(n)
+        if gate is not None:
+            gate.wait(self.limit)
+        return default_behaviour(req)
+
+    def release(self, *numbers: int) -> None:
+        for n in numbers or tuple(self.gates):
+            self.gates[n].set()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; returns its last truth."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(0.01)
+    return True
+
+
+def drop_connections(server: RawServer) -> int:
+    """Close every connection ``server`` holds, from its side, as an idle timeout would.
+
+    Returns how many were closed. The client is not told; it finds out when
+    it next uses the connection.
+    """
+    with server._lock:
+        conns = list(server._conns)
+        server._conns.clear()
+    for c in conns:
+        with contextlib.suppress(OSError):
+            c.shutdown(socket.SHUT_RDWR)
+    return len(conns)

@@ -19,6 +19,7 @@ import ssl
 import threading
 import time
 import urllib.request
+from datetime import timezone
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -49,7 +50,9 @@ def backoff_delay(attempt: int, initial: float, rand: Callable[[], float] = rand
     (still capped) so that many clients do not retry in lockstep. The module
     ``random`` is used because CPython reseeds it in a forked child.
     """
-    base = min(initial * (2.0 ** (attempt - 1)), MAX_BACKOFF)
+    # The exponent is bounded: 2.0 ** 1024 overflows, and a large
+    # retry_max_attempts gets there.
+    base = min(initial * (2.0 ** min(attempt - 1, 64)), MAX_BACKOFF)
     return min(base * (1.0 + 0.25 * rand()), MAX_BACKOFF)
 
 
@@ -69,10 +72,15 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
             return None
         if when is None:
             return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
+        if when.tzinfo is None:
+            # HTTP dates are GMT; the asctime form just does not say so.
+            when = when.replace(tzinfo=timezone.utc)
+        # A date already past means "now".
+        seconds = max(when.timestamp() - (time.time() if now is None else now), 0.0)
+    if not 0.0 <= seconds < float("inf"):
+        # Negative, NaN or infinite delta-seconds is garbage, not "retry at once".
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return min(seconds, MAX_RETRY_AFTER)
 
 
 def parse_response(data: bytes, count: int) -> BatchResponse:
@@ -166,7 +174,9 @@ class Transport:
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         }
-        self._proxy = self._proxy_for(parts.scheme, self._host)
+        # NO_PROXY is matched against host[:port] as written, as urllib does,
+        # so that an entry like "localhost:8080" works.
+        self._proxy = self._proxy_for(parts.scheme, parts.netloc.rpartition("@")[2])
         host_header = self._host if ":" not in self._host else f"[{self._host}]"
         default_port = 443 if self._https else 80
         if self._port != default_port:
@@ -240,7 +250,8 @@ class Transport:
                 conn.request("POST", self._target, body, self._headers)
                 resp = conn.getresponse()
                 data = resp.read()
-            except (ConnectionError, http.client.BadStatusLine) as exc:
+            except (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                # The SSL errors: writing to a TLS connection the server has closed.
                 conn.close()
                 if reused and not fresh_retry:
                     continue
@@ -288,11 +299,14 @@ class Sender:
         max_attempts: int,
         initial_delay: float,
         logger: logging.Logger,
+        *,
+        secret: str = "",
     ) -> None:
         self.transport = transport
         self.max_attempts = max_attempts
         self.initial_delay = initial_delay
         self.logger = logger
+        self._secret = secret
 
     def deliver(
         self,
@@ -319,7 +333,12 @@ class Sender:
             else:
                 if 200 <= status <= 299:
                     return parse_response(data, n)
-                snippet = data[:200].decode("utf-8", "replace").strip()
+                # A server may echo the write key back; it must reach no log or exception.
+                # 800 bytes hold 200 characters of any UTF-8, so no key is cut in half.
+                snippet = data[: 800 + len(self._secret)].decode("utf-8", "replace")
+                if self._secret:
+                    snippet = snippet.replace(self._secret, "<write key>")
+                snippet = snippet[:200].strip()
                 last = f"HTTP {status}" + (f": {snippet}" if snippet else "")
                 if not is_transient(status):
                     raise SendError(

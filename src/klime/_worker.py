@@ -161,7 +161,8 @@ class Worker:
                     remaining = deadline - _monotonic()
                     if remaining <= 0:
                         break
-                    self._done.wait(remaining)
+                    # A huge timeout (e.g. inf) would make wait() raise OverflowError.
+                    self._done.wait(min(remaining, threading.TIMEOUT_MAX))
                 done = self._finished >= target
             if not done:
                 # The waiter stays registered so that the claim marks it failed.

@@ -25,6 +25,7 @@ DEFAULT_RETRY_INITIAL_DELAY = 1000
 DEFAULT_REQUEST_TIMEOUT = 10000
 DEFAULT_SHUTDOWN_TIMEOUT = 10000
 MAX_BATCH_SIZE = 100
+_MAX_DURATION_MS = threading.TIMEOUT_MAX * 1000
 
 Properties = Optional[Mapping[str, Any]]
 
@@ -58,6 +59,9 @@ def _number(name: str, value: Any, default: int, *, integer: bool = True) -> Any
         raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be greater than 0, got {value!r}")
+    if not integer and not value <= _MAX_DURATION_MS:
+        # Past this (e.g. inf) thread waits and socket timeouts raise OverflowError.
+        raise ValueError(f"{name} must be a finite number of milliseconds, at most {_MAX_DURATION_MS:.0f}")
     return value
 
 
@@ -137,6 +141,13 @@ class KlimeClient:
             )
         if not isinstance(write_key, str):
             raise TypeError(f"write_key must be a string, not {type(write_key).__name__}")
+        if not (write_key.isascii() and write_key.isprintable()):
+            # http.client would refuse the header on every send, quoting the key
+            # in its error; the message here must not quote it either.
+            raise ValueError(
+                "write_key contains a newline, control or non-ASCII character; "
+                "strip it (e.g. a trailing newline read from a file)"
+            )
         if endpoint is None:
             endpoint = os.environ.get("KLIME_ENDPOINT") or DEFAULT_ENDPOINT
         if not isinstance(endpoint, str):
@@ -165,7 +176,7 @@ class KlimeClient:
 
         transport = self._make_transport(write_key)
         self._sender = Sender(
-            transport, self.retry_max_attempts, self.retry_initial_delay / 1000.0, self._logger
+            transport, self.retry_max_attempts, self.retry_initial_delay / 1000.0, self._logger, secret=write_key
         )
         self._worker = Worker(
             self._sender,
