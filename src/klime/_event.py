@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -168,6 +169,43 @@ def format_epoch(t: float) -> str:
     return f"{prefix}{ms:03d}Z"
 
 
+_ISO8601 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
+    r"\s*(Zz|[Zz]|[+-]\d{2}(?::?\d{2})?)?"
+)
+
+
+def _parse_iso8601(value: str) -> datetime:
+    """ISO 8601 (extended format) -> datetime, the same on every Python version.
+
+    ``datetime.fromisoformat`` only learnt ``Z`` and arbitrary fraction
+    lengths in 3.11, and backfills written on one version must run on all.
+    """
+    m = _ISO8601.fullmatch(value.strip())
+    if m is None:
+        raise ValueError(
+            f"timestamp {value!r} is not an ISO 8601 date-time; "
+            "pass a datetime or a string like '2026-11-22T10:04:05.123Z'"
+        )
+    year, month, day, hour, minute, second, frac, zone = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    tz: Optional[timezone] = None
+    if zone and zone in "Zz":
+        tz = timezone.utc
+    elif zone:
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
+        tz = timezone(sign * offset)
+    try:
+        return datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0), micro, tz
+        )
+    except ValueError as exc:
+        raise ValueError(f"timestamp {value!r} is not a valid date-time: {exc}") from None
+
+
 def coerce_timestamp(value: Any) -> str:
     """A caller's ``timestamp=`` (datetime or ISO 8601 string) -> wire string.
 
@@ -177,16 +215,7 @@ def coerce_timestamp(value: Any) -> str:
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, str):
-        text = value.strip()
-        if text[-1:] in ("Z", "z"):
-            text = text[:-1] + "+00:00"
-        try:
-            dt = datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError(
-                f"timestamp {value!r} is not an ISO 8601 date-time; "
-                "pass a datetime or a string like '2026-11-22T10:04:05.123Z'"
-            ) from None
+        dt = _parse_iso8601(value)
     else:
         raise TypeError(
             f"timestamp must be a datetime or an ISO 8601 string, not {type(value).__name__}"
