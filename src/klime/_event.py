@@ -172,7 +172,7 @@ def format_epoch(t: float) -> str:
 _ISO8601 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})"
     r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
-    r"\s*(Zz|[Zz]|[+-]\d{2}(?::?\d{2})?)?"
+    r"\s*([Zz]|[+-]\d{2}(?::?\d{2})?)?"
 )
 
 
@@ -191,7 +191,7 @@ def _parse_iso8601(value: str) -> datetime:
     year, month, day, hour, minute, second, frac, zone = m.groups()
     micro = int((frac or "0")[:6].ljust(6, "0"))
     tz: Optional[timezone] = None
-    if zone and zone in "Zz":
+    if zone in ("Z", "z"):
         tz = timezone.utc
     elif zone:
         sign = -1 if zone[0] == "-" else 1
