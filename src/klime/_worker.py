@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -33,6 +34,8 @@ _monotonic = functools.partial(time.monotonic)
 OnError = Callable[[Exception, List[Event]], None]
 OnSuccess = Callable[[BatchResponse], None]
 
+# How long shutdown() waits, past its deadline, for callbacks already running.
+REPORT_GRACE = 1.0
 # At most one log line per failure reason in this many seconds.
 DROP_WARNING_INTERVAL = 10.0
 
@@ -98,7 +101,15 @@ class Worker:
         self._accepting = True
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self._threadless = False  # no flusher could be started: flush() sends itself
+        self._sending_here = threading.Lock()  # one threadless flush() sends at a time
+        self._sending_thread: Optional[threading.Thread] = None  # ... and this is it
         self._interrupt = threading.Event()  # cuts a retry wait short
+        # Units the sending thread has taken to report (drops, rejects, a
+        # batch's outcome): a deadline cannot claim those, so shutdown gives
+        # them a moment to reach on_error before the process may exit.
+        self._reporting = 0
+        self._pid = os.getpid()
         self._log_lock = threading.Lock()
         # reason -> (when last logged, events and batches not logged since)
         self._log_state: Dict[str, Tuple[float, int, int]] = {}
@@ -107,6 +118,8 @@ class Worker:
 
     def put(self, ev: Event) -> bool:
         """Queue one event: no I/O, no callbacks. False once shut down."""
+        if self._pid != os.getpid():
+            self._forked()
         with self._lock:
             if not self._accepting:
                 return False
@@ -130,7 +143,15 @@ class Worker:
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="klime-flusher", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:
+            # Python 3.12 refuses new threads at interpreter shutdown, e.g. in
+            # an atexit handler that tracks a last event; a process can also
+            # run out of threads. track() must not raise, and what is queued
+            # is then sent by flush()/shutdown() on their caller's thread.
+            self._threadless = True
+            self._logger.warning("klime: cannot start the flusher thread (%s); events wait for flush()", exc)
 
     def flush(self, timeout: Optional[float], reason: str = "flush_deadline") -> bool:
         """Wait until every event queued before this call is delivered or reported.
@@ -139,12 +160,15 @@ class Worker:
         claimed and reported with ``reason``.
         """
         deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
+        if self._pid != os.getpid():
+            self._forked()
         with self._lock:
             target = self._enqueued
             if self._finished >= target:
                 return True
-            if threading.current_thread() is self._thread:
-                # Called from a callback on the flusher itself: waiting would deadlock.
+            me = threading.current_thread()
+            if me is self._thread or me is self._sending_thread:
+                # Called from a callback on the thread that sends: waiting would deadlock.
                 self._logger.warning("klime: flush() called from a callback; not waiting")
                 return False
             waiter = _Waiter(self._finished, target)
@@ -152,7 +176,10 @@ class Worker:
             if target > self._flush_upto:
                 self._flush_upto = target
                 self._work.notify()
+            threadless = self._threadless
         try:
+            if threadless:
+                self._send_here(target, deadline, reason)
             with self._lock:
                 while self._finished < target:
                     if deadline is None:
@@ -186,8 +213,9 @@ class Worker:
             self._work.notify()
             thread = self._thread
         self._interrupt.set()
+        self._await_reports(REPORT_GRACE)
         self._log_suppressed()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             # Everything is accounted for by now; only a request still in
             # flight after a deadline can keep the thread, and it is a daemon.
             thread.join(0.5 if ok else 0.05)
@@ -239,6 +267,38 @@ class Worker:
         self._reset()
         self._accepting = accepting
 
+    def _forked(self) -> None:
+        """The process id changed without our fork hook running.
+
+        A server that forks from C (uWSGI without ``py-call-osafterfork``)
+        skips ``os.register_at_fork`` hooks; the lock may even have been held
+        by the parent's flusher at that moment, so nothing of the old state is
+        touched.
+        """
+        accepting = self._accepting
+        self._reset()
+        self._accepting = accepting
+        self._sender.transport.after_fork()
+
+    def _await_reports(self, grace: float) -> None:
+        """Wait (briefly) until the sending thread has reported what it took."""
+        me = threading.current_thread()
+        if me is self._thread or me is self._sending_thread:
+            return
+        deadline = _monotonic() + grace
+        with self._lock:
+            while self._reporting:
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    self._logger.warning("klime: an on_error/on_success callback is still running at shutdown")
+                    return
+                self._done.wait(remaining)
+
+    def _end_report(self) -> None:
+        with self._lock:
+            self._reporting -= 1
+            self._done.notify_all()
+
     # --- the flusher thread ------------------------------------------------
 
     def _run(self) -> None:
@@ -248,45 +308,95 @@ class Worker:
             with self._lock:
                 while True:
                     self._wake_pending = False
-                    if self._carry:
-                        events, self._carry = self._carry, []
-                        kind = "batch"
-                        break
-                    if self._dropped:
-                        events, self._dropped = self._dropped, []
-                        kind = "drops"
-                        break
                     q = self._queue
                     now = _monotonic()
-                    if q and (
+                    due = bool(q) and (
                         len(q) >= self._batch_size
                         or q[0]._seq < self._flush_upto
                         or self._stopping
                         or now >= next_tick
-                    ):
-                        events = [q.popleft() for _ in range(min(len(q), self._batch_size))]
-                        kind = "batch"
-                        next_tick = now + self._interval
+                    )
+                    job = self._take(due)
+                    if job is not None:
+                        if job[0] == "queue":
+                            next_tick = now + self._interval
                         break
                     if self._stopping:
                         return
                     self._work.wait(next_tick - now if q else self._interval)
-                if kind == "batch":
-                    batch = _Batch(events)
-                    self._inflight = batch
-                    self._interrupt.clear()
-            try:
-                if kind == "drops":
+            self._do(job, self._wait)
+
+    def _take(self, from_queue: bool) -> Optional[Tuple[str, List[Event], Optional[_Batch]]]:
+        """The next job in sequence order (the lock is held), or None.
+
+        A batch remainder comes first, then overflow drops, then, if
+        ``from_queue``, one batch from the queue, which becomes the batch in
+        flight.
+        """
+        if self._carry:
+            events, self._carry = self._carry, []
+            kind = "carry"
+        elif self._dropped:
+            events, self._dropped = self._dropped, []
+            self._reporting += 1
+            return "drops", events, None
+        elif from_queue:
+            q = self._queue
+            events = [q.popleft() for _ in range(min(len(q), self._batch_size))]
+            kind = "queue"
+        else:
+            return None
+        batch = _Batch(events)
+        self._inflight = batch
+        self._interrupt.clear()
+        return kind, events, batch
+
+    def _do(self, job: Tuple[str, List[Event], Optional[_Batch]], wait: Callable[[float], bool]) -> None:
+        _, events, batch = job
+        try:
+            if batch is None:
+                try:
                     self._report_drops(events)
                     self._finish(events[-1]._seq + 1, [events[0]._seq, events[-1]._seq])
-                else:
-                    self._send(batch)
-            except Exception:  # pragma: no cover - a bug; keep the thread alive
-                self._logger.exception("klime: unexpected error in the flusher thread")
-                # Never leave flush() callers waiting on events nobody owns.
-                self._finish(events[-1]._seq + 1, [events[0]._seq, events[-1]._seq])
+                finally:
+                    self._end_report()
+            else:
+                self._send(batch, wait)
+        except Exception:  # pragma: no cover - a bug; keep the thread alive
+            self._logger.exception("klime: unexpected error in the flusher thread")
+            # Never leave flush() callers waiting on events nobody owns.
+            self._finish(events[-1]._seq + 1, [events[0]._seq, events[-1]._seq])
 
-    def _send(self, batch: _Batch) -> None:
+    def _send_here(self, target: int, deadline: Optional[float], reason: str) -> None:
+        """Without a flusher thread: send the events before ``target`` on this thread.
+
+        A retry wait that would pass the deadline claims what is left instead,
+        as the deadline would from the outside.
+        """
+
+        def wait(seconds: float) -> bool:
+            if deadline is not None and _monotonic() + seconds >= deadline:
+                self._claim(target, reason)
+                return False
+            time.sleep(seconds)
+            return True
+
+        budget = -1.0 if deadline is None else min(max(deadline - _monotonic(), 0.0), threading.TIMEOUT_MAX)
+        if not self._sending_here.acquire(timeout=budget):
+            return
+        self._sending_thread = threading.current_thread()
+        try:
+            while deadline is None or _monotonic() < deadline:
+                with self._lock:
+                    job = self._take(bool(self._queue) and self._queue[0]._seq < target)
+                if job is None:
+                    return
+                self._do(job, wait)
+        finally:
+            self._sending_thread = None
+            self._sending_here.release()
+
+    def _send(self, batch: _Batch, wait: Callable[[float], bool]) -> None:
         prep: Prepared = prepare_batch(batch.events)
         with self._lock:
             if batch.claimed:
@@ -299,21 +409,29 @@ class Worker:
             if not prep.events:
                 batch.claimed = True
                 self._inflight = None
-        for rej in prep.rejected:
-            self._fail(SendError(rej.message, rej.events, reason=rej.reason))
+            if prep.rejected:
+                self._reporting += 1
+        if prep.rejected:
+            try:
+                for rej in prep.rejected:
+                    self._fail(SendError(rej.message, rej.events, reason=rej.reason))
+            finally:
+                self._end_report()
         failed_seqs = [ev._seq for rej in prep.rejected for ev in rej.events]
         if not prep.events:
             self._finish(batch.end, failed_seqs)
             return
         outcome: object
         try:
-            outcome = self._sender.deliver(prep.body, prep.events, self._wait)
+            outcome = self._sender.deliver(prep.body, prep.events, wait)
         except SendError as exc:
             outcome = exc
         with self._lock:
             claimed = batch.claimed
             batch.claimed = True
             self._inflight = None
+            if not claimed:
+                self._reporting += 1
         if claimed:
             if isinstance(outcome, BatchResponse):
                 self._logger.info(
@@ -322,13 +440,16 @@ class Worker:
                 )
             self._finish(batch.end, failed_seqs)
             return
-        if isinstance(outcome, SendError):
-            self._fail(outcome)
-            failed_seqs.extend(ev._seq for ev in prep.events)
-        elif isinstance(outcome, BatchResponse):
-            failed_seqs.extend(ev._seq for ev in log_rejected(self._logger, outcome, prep.events))
-            self._safe_call(self._on_success, outcome)
-        self._finish(batch.end, failed_seqs)
+        try:
+            if isinstance(outcome, SendError):
+                self._fail(outcome)
+                failed_seqs.extend(ev._seq for ev in prep.events)
+            elif isinstance(outcome, BatchResponse):
+                failed_seqs.extend(ev._seq for ev in log_rejected(self._logger, outcome, prep.events))
+                self._safe_call(self._on_success, outcome)
+            self._finish(batch.end, failed_seqs)
+        finally:
+            self._end_report()
 
     def _finish(self, end: int, failed_seqs: Optional[List[int]]) -> None:
         with self._lock:

@@ -1,0 +1,499 @@
+"""The client's lifecycle: shutdown, process exit (atexit), and os.fork().
+
+Exit behaviour is tested in real subprocesses, since what happens at
+interpreter exit cannot be observed from inside the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
+
+import pytest
+
+from klime import KlimeClient, SendError
+
+from .conftest import FAST, Recorder
+from .servers import Collector, Held, RawServer, wait_until
+
+MakeClient = Callable[..., KlimeClient]
+RawServers = Callable[..., RawServer]
+
+
+def ids_of(events: List[Any]) -> List[str]:
+    return [ev.messageId for ev in events]
+
+
+def raw_events(server: RawServer) -> List[Dict[str, Any]]:
+    return [ev for req in server.requests for ev in req.json()["batch"]]
+
+
+# --- shutdown ----------------------------------------------------------------------------
+
+
+def test_after_shutdown_async_calls_are_ignored_and_sync_calls_raise(
+    collector: Collector, make_client: MakeClient, recorder: Recorder
+) -> None:
+    client = make_client(collector.url)
+    client.track("Before", user_id="u1")
+    assert client.shutdown() is True
+    assert [e["event"] for e in collector.events] == ["Before"]
+
+    client.track("After", user_id="u1")
+    client.identify("u1", {"name": "x"})
+    client.group("g1", {"name": "y"}, user_id="u1")
+    assert client.queue_size() == 0
+    with pytest.raises(SendError):
+        client.track_sync("After", user_id="u1")
+    with pytest.raises(SendError):
+        client.identify_sync("u1")
+    with pytest.raises(SendError):
+        client.group_sync("g1")
+    client.flush(timeout=1)
+    assert client.shutdown() is True  # a second shutdown is harmless
+    assert [e["event"] for e in collector.events] == ["Before"]
+    assert not recorder.errors  # ignored calls are not reported as failed batches
+
+
+def test_context_manager_delivers_and_shuts_down(collector: Collector) -> None:
+    with KlimeClient("test-write-key", collector.url, **FAST) as client:
+        client.track("Inside", user_id="u1")
+        client.identify("u1")
+    assert [e["type"] for e in collector.events] == ["track", "identify"]
+    with pytest.raises(SendError):
+        client.track_sync("Outside", user_id="u1")
+    client.track("Outside", user_id="u1")
+    assert len(collector.events) == 2
+
+
+def test_shutdown_is_bounded_with_a_hanging_endpoint(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
+) -> None:
+    server = raw_servers(lambda r: "hang")
+    client = make_client(server.url, max_batch_size=3, request_timeout=30_000, shutdown_timeout=500)
+    mids = [f"s{i}" for i in range(7)]
+    for mid in mids:
+        client.track("Stuck", user_id="u1", message_id=mid)
+    server.wait_for_requests(1)
+
+    t0 = time.monotonic()
+    assert client.shutdown() is False  # shutdown_timeout=500 ms applies when no timeout is given
+    took = time.monotonic() - t0
+    assert 0.4 <= took < 5
+    assert sorted(ids_of(recorder.failed_events)) == sorted(mids)
+    assert {getattr(e, "reason", None) for e, _ in recorder.errors} == {"shutdown_deadline"}
+    assert not recorder.successes
+    assert client.queue_size() == 0
+
+
+def test_shutdown_timeout_argument_overrides_the_option(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
+) -> None:
+    server = raw_servers(lambda r: "hang")
+    client = make_client(server.url, request_timeout=30_000, shutdown_timeout=60_000)
+    client.track("Stuck", user_id="u1", message_id="only")
+    t0 = time.monotonic()
+    assert client.shutdown(timeout=0.3) is False
+    assert time.monotonic() - t0 < 5
+    assert [(getattr(e, "reason", None), ids_of(evs)) for e, evs in recorder.errors] == [
+        ("shutdown_deadline", ["only"])
+    ]
+    server.close()  # the abandoned request now fails; it must not be reported again
+    time.sleep(0.2)
+    assert len(recorder.errors) == 1
+
+
+# --- process exit ------------------------------------------------------------------------------
+
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import threading
+
+    from klime import KlimeClient
+
+    url, count, flush_on_shutdown = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+
+    def on_error(error, events):
+        ids = ",".join(ev.messageId for ev in events)
+        print("ERROR", error.reason, ids, flush=True)
+
+    def on_success(response):
+        print("OK", response.accepted, flush=True)
+
+    client = KlimeClient(
+        "test-write-key",
+        url,
+        flush_interval=60000,
+        max_batch_size=20,
+        request_timeout=30000,
+        retry_initial_delay=10,
+        shutdown_timeout=1000,
+        flush_on_shutdown=flush_on_shutdown,
+        on_error=on_error,
+        on_success=on_success,
+    )
+    for i in range(count):
+        client.track("Exit Test", {"i": i}, user_id="u1", message_id=f"exit-{i}")
+    print("QUEUED", flush=True)
+    # No shutdown(), no flush(): the interpreter just exits.
+    """
+)
+
+
+def run_exit_script(tmp_path: Path, url: str, count: int, flush_on_shutdown: bool) -> Tuple[float, List[str]]:
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script), url, str(count), "1" if flush_on_shutdown else "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "QUEUED", proc.stdout
+    return took, lines[1:]
+
+
+def errors_in(lines: List[str]) -> List[Tuple[str, List[str]]]:
+    out = []
+    for line in lines:
+        if line.startswith("ERROR "):
+            _, reason, ids = line.split(" ", 2)
+            out.append((reason, ids.split(",")))
+    return out
+
+
+def test_process_exit_is_bounded_with_hanging_endpoint(tmp_path: Path, raw_servers: RawServers) -> None:
+    server = raw_servers(lambda r: "hang")
+    took, lines = run_exit_script(tmp_path, server.url, 25, flush_on_shutdown=True)
+    assert took < 15, f"exit took {took:.1f}s with shutdown_timeout=1000"
+    errors = errors_in(lines)
+    reported = [mid for _, ids in errors for mid in ids]
+    assert sorted(reported) == sorted(f"exit-{i}" for i in range(25))  # each exactly once
+    assert {reason for reason, _ in errors} == {"shutdown_deadline"}
+    assert not [line for line in lines if line.startswith("OK")]
+    assert server.requests  # the flusher did try: these were not just dropped
+
+
+def test_exit_without_flush_on_shutdown_reports_instead_of_sending(
+    tmp_path: Path, raw_servers: RawServers
+) -> None:
+    server = raw_servers()
+    took, lines = run_exit_script(tmp_path, server.url, 5, flush_on_shutdown=False)
+    assert took < 15
+    assert errors_in(lines) == [("not_flushed_at_exit", [f"exit-{i}" for i in range(5)])]
+    assert server.requests == []
+
+
+def test_exit_flushes_events_queued_just_before(tmp_path: Path, raw_servers: RawServers) -> None:
+    server = raw_servers()
+    took, lines = run_exit_script(tmp_path, server.url, 25, flush_on_shutdown=True)
+    assert took < 15
+    assert errors_in(lines) == []
+    # 20 went out as a full batch; the last 5 only because of the exit hook.
+    assert sorted(int(line.split()[1]) for line in lines if line.startswith("OK")) == [5, 20]
+    assert sorted(e["messageId"] for e in raw_events(server)) == sorted(f"exit-{i}" for i in range(25))
+
+
+# --- fork ----------------------------------------------------------------------------------------
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is not available")
+
+
+def run_in_child(child: Callable[[], Dict[str, Any]], timeout: float = 20.0) -> Dict[str, Any]:
+    """Fork; run ``child`` there and send its result back through a pipe.
+
+    The child leaves with ``os._exit`` so that neither pytest nor the exit
+    hooks run in it. A child still running after ``timeout`` counts as
+    deadlocked and is killed.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            os.close(read_end)
+            result = child()
+            os.write(write_end, json.dumps(result).encode())
+        except BaseException as exc:
+            os.write(write_end, json.dumps({"exception": repr(exc)}).encode())
+            code = 3
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        pytest.fail(f"the forked child did not finish within {timeout}s (deadlock?)")
+    data = b""
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0, data
+    result: Dict[str, Any] = json.loads(data)
+    return result
+
+
+@needs_fork
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python 3.12+ warns about forking with threads
+def test_fork_child_does_not_resend_parent_events(
+    collector: Collector, make_client: MakeClient, recorder: Recorder
+) -> None:
+    client = make_client(collector.url, max_batch_size=20)
+    for i in range(5):
+        client.track("Parent", {"i": i}, user_id="parent")
+    assert client.queue_size() == 5
+
+    def child() -> Dict[str, Any]:
+        queued_at_start = client.queue_size()
+        for i in range(3):
+            client.track("Child", {"i": i}, user_id="child")
+        ok = client.flush(timeout=10)
+        return {"queued_at_start": queued_at_start, "flushed": ok, "left": client.queue_size()}
+
+    result = run_in_child(child)
+    assert result == {"queued_at_start": 0, "flushed": True, "left": 0}
+    assert client.queue_size() == 5  # the parent's queue is untouched
+    assert client.flush(timeout=5) is True
+
+    events = collector.events
+    parent = [e for e in events if e["event"] == "Parent"]
+    child_events = [e for e in events if e["event"] == "Child"]
+    assert sorted(e["properties"]["i"] for e in parent) == [0, 1, 2, 3, 4]
+    assert sorted(e["properties"]["i"] for e in child_events) == [0, 1, 2]
+    ids = [e["messageId"] for e in events]
+    assert len(ids) == len(set(ids)) == 8
+    assert not recorder.errors
+
+
+@needs_fork
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fork_while_parent_flusher_is_mid_send(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
+) -> None:
+    held = Held(0)
+    server = raw_servers(held)
+    client = make_client(server.url, max_batch_size=5)
+    for i in range(5):
+        client.track("Parent", {"i": i}, user_id="parent")
+    server.wait_for_requests(1)  # the parent's flusher is now blocked in its request
+
+    def child() -> Dict[str, Any]:
+        t0 = time.monotonic()
+        for i in range(4):
+            client.track("Child", {"i": i}, user_id="child")
+        ok = client.flush(timeout=10)
+        return {"flushed": ok, "took": time.monotonic() - t0}
+
+    result = run_in_child(child)
+    assert result["flushed"] is True
+    assert result["took"] < 10
+    held.release(0)
+    assert client.flush(timeout=10) is True
+
+    events = raw_events(server)
+    assert sorted(e["properties"]["i"] for e in events if e["event"] == "Parent") == [0, 1, 2, 3, 4]
+    assert sorted(e["properties"]["i"] for e in events if e["event"] == "Child") == [0, 1, 2, 3]
+    ids = [e["messageId"] for e in events]
+    assert len(ids) == len(set(ids)) == 9
+    assert wait_until(lambda: len(recorder.successes) == 1)
+    assert not recorder.errors
+
+
+@needs_fork
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_message_ids_differ_between_parent_and_child(collector: Collector, make_client: MakeClient) -> None:
+    client = make_client(collector.url, max_batch_size=50)
+
+    def child() -> Dict[str, Any]:
+        for i in range(20):
+            client.track("Same", {"i": i}, user_id="u1")
+        return {"flushed": client.flush(timeout=10)}
+
+    assert run_in_child(child) == {"flushed": True}
+    # Same calls in the parent after the fork: a copied id generator would repeat the child's ids.
+    for i in range(20):
+        client.track("Same", {"i": i}, user_id="u1")
+    assert client.flush(timeout=5) is True
+    ids = [e["messageId"] for e in collector.events]
+    assert len(ids) == len(set(ids)) == 40
+
+
+@needs_fork
+def test_forked_child_that_exits_normally_delivers_only_its_own_events(
+    tmp_path: Path, raw_servers: RawServers
+) -> None:
+    """The prefork-server shape: both processes end through the exit hook, neither flushes by hand."""
+    server = raw_servers()
+    script = tmp_path / "fork_exit.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, warnings
+            from klime import KlimeClient
+
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client = KlimeClient("test-write-key", sys.argv[1], flush_interval=60000, max_batch_size=50)
+            for i in range(5):
+                client.track("Parent", {"i": i}, user_id="parent")
+            pid = os.fork()
+            if pid == 0:
+                for i in range(3):
+                    client.track("Child", {"i": i}, user_id="child")
+                sys.exit(0)  # a normal exit: atexit hooks run in the child
+            _, status = os.waitpid(pid, 0)
+            print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script), server.url], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "child exit 0"
+    events = raw_events(server)
+    assert sorted(e["properties"]["i"] for e in events if e["event"] == "Parent") == [0, 1, 2, 3, 4]
+    assert sorted(e["properties"]["i"] for e in events if e["event"] == "Child") == [0, 1, 2]
+    assert len({e["messageId"] for e in events}) == 8
+
+
+# --- no flusher thread available ------------------------------------------------------------------
+
+ATEXIT_TRACK_SCRIPT = textwrap.dedent(
+    """
+    import atexit
+    import sys
+    import threading
+
+    from klime import KlimeClient
+
+    url, refuse_threads = sys.argv[1], sys.argv[2] == "1"
+    client = KlimeClient(
+        "test-write-key",
+        url,
+        request_timeout=1000,
+        shutdown_timeout=1000,
+        on_error=lambda error, events: print("ERROR", error.reason, len(events), flush=True),
+        on_success=lambda response: print("OK", response.accepted, flush=True),
+    )
+
+    @atexit.register  # registered after klime's own hook, so it runs before it
+    def last_event():
+        if refuse_threads:
+            # What Python 3.12 does in atexit handlers, on any version.
+            def start(self):
+                raise RuntimeError("can't create new thread at interpreter shutdown")
+            threading.Thread.start = start
+        client.track("App Stopped", user_id="u1")
+        print("tracked", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("refuse_threads", [False, True], ids=["threads", "no-threads"])
+def test_event_tracked_in_an_atexit_handler_is_delivered(
+    tmp_path: Path, raw_servers: RawServers, refuse_threads: bool
+) -> None:
+    server = raw_servers()
+    script = tmp_path / "atexit_track.py"
+    script.write_text(ATEXIT_TRACK_SCRIPT)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script), server.url, "1" if refuse_threads else "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.split() == ["tracked", "OK", "1"]  # track() did not raise, and the event went out
+    assert [e["event"] for e in raw_events(server)] == ["App Stopped"]
+
+
+@pytest.fixture
+def no_flusher_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make starting the flusher fail as it does in a Python 3.12 atexit handler (other threads still start)."""
+    start = threading.Thread.start
+
+    def refusing_start(self: threading.Thread) -> None:
+        if self.name == "klime-flusher":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing_start)
+
+
+@pytest.mark.usefixtures("no_flusher_thread")
+def test_without_a_flusher_thread_flush_sends_on_the_calling_thread(
+    collector: Collector, make_client: MakeClient, recorder: Recorder
+) -> None:
+    client = make_client(collector.url, max_batch_size=4)
+    for i in range(10):
+        client.track("Threadless", {"i": i}, user_id="u1")  # must not raise
+    assert client.queue_size() == 10
+    assert client.flush(timeout=5) is True
+    assert [e["properties"]["i"] for e in collector.events] == list(range(10))
+    assert [len(r.events) for r in collector.requests] == [4, 4, 2]
+    assert len(recorder.successes) == 3
+    client.track("Threadless", {"i": 10}, user_id="u1")
+    assert client.shutdown(timeout=5) is True
+    assert len(collector.events) == 11
+
+
+@pytest.mark.usefixtures("no_flusher_thread")
+def test_without_a_flusher_thread_flush_keeps_its_deadline(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
+) -> None:
+    server = raw_servers(lambda r: "hang")
+    client = make_client(server.url, request_timeout=300, retry_initial_delay=10)
+    client.track("Stuck", user_id="u1", message_id="t1")
+    client.track("Stuck", user_id="u1", message_id="t2")
+    t0 = time.monotonic()
+    assert client.flush(timeout=0.5) is False
+    assert time.monotonic() - t0 < 5
+    assert sorted(ids_of(recorder.failed_events)) == ["t1", "t2"]
+    assert {getattr(e, "reason", None) for e, _ in recorder.errors} == {"flush_deadline"}
+    assert client.queue_size() == 0
+
+
+@pytest.mark.usefixtures("no_flusher_thread")
+def test_without_a_flusher_thread_flush_from_a_callback_does_not_deadlock(
+    collector: Collector, make_client: MakeClient
+) -> None:
+    nested: List[bool] = []
+    client: KlimeClient
+
+    def on_success(response: Any) -> None:
+        client.track("From Callback", user_id="u1")
+        nested.append(client.flush())  # no timeout: would wait forever on its own sending
+
+    client = make_client(collector.url, on_success=on_success)
+    client.track("Outer", user_id="u1")
+    outer = threading.Thread(target=client.flush, kwargs={"timeout": None}, daemon=True)
+    outer.start()
+    outer.join(10)
+    assert not outer.is_alive(), "flush() deadlocked"
+    assert nested and nested[0] is False
+    assert collector.events[0]["event"] == "Outer"
