@@ -1,0 +1,149 @@
+"""The programs in examples/ run and print what they promise.
+
+The framework-free ones run offline in a subprocess (no KLIME_* variables,
+so they start their own loopback collector), and once more against this
+suite's collector through KLIME_ENDPOINT. The framework ones are always
+compiled, and run when their framework is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from .servers import Collector
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+FRAMEWORK_FREE = ["quickstart.py", "cron_job.py", "error_tracking.py", "backfill.py", "testing_example.py"]
+FRAMEWORKS = {"flask_app.py": ["flask"], "django_app.py": ["django"], "fastapi_app.py": ["fastapi", "httpx"]}
+
+
+def _env(endpoint: Optional[str] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLIME_") and not k.upper().endswith("_PROXY")}
+    if endpoint is not None:
+        env["KLIME_ENDPOINT"] = endpoint
+        env["KLIME_WRITE_KEY"] = "examples-test-key"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run(name: str, *args: str, endpoint: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, *args, str(EXAMPLES / name)],
+        cwd=ROOT,
+        env=_env(endpoint),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"{name} exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def lines(text: str) -> List[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def test_every_example_is_covered() -> None:
+    found = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
+    assert found == set(FRAMEWORK_FREE) | set(FRAMEWORKS)
+
+
+def test_quickstart_offline() -> None:
+    out = lines(run("quickstart.py").stdout)
+    assert out[0].startswith("sending to http://127.0.0.1:")
+    assert "the collector received 3 event(s):" in out
+    assert [line.split()[0] for line in out[2:5]] == ["identify", "track", "group"]
+    assert "BatchResponse: status='ok' accepted=3 failed=0" in out
+    assert out[-1] == "all delivered"
+
+
+def test_quickstart_uses_the_endpoint_from_the_environment(collector: Collector) -> None:
+    out = lines(run("quickstart.py", endpoint=collector.url).stdout)
+    assert out[0] == "sending to the endpoint from the environment"
+    assert [e["type"] for e in collector.events] == ["identify", "track", "group"]
+    assert collector.requests[0].headers["Authorization"] == "Bearer examples-test-key"
+    assert out[-1] == "all delivered"
+
+
+def test_cron_job_sends_group_level_events() -> None:
+    out = lines(run("cron_job.py").stdout)
+    tracks = [line for line in out if line.startswith("track")]
+    assert len(tracks) == 3
+    assert all("groupId=" in line and "userId" not in line for line in tracks)
+    assert out[-1] == "usage job: delivered"
+
+
+def test_cron_job_against_the_environment(collector: Collector) -> None:
+    run("cron_job.py", endpoint=collector.url)
+    tracks = [e for e in collector.events if e["type"] == "track"]
+    assert len(tracks) == 3
+    assert all("userId" not in e and e["groupId"].startswith("org_") for e in tracks)
+
+
+def test_error_tracking_reports_a_permanent_failure() -> None:
+    out = lines(run("error_tracking.py").stdout)
+    assert out[0] == "delivered events: 1"
+    assert out[1] == "captured: reason=permanent_error status=401 events=1 names=['Invoice Sent']"
+
+
+def test_backfill_is_idempotent() -> None:
+    out = lines(run("backfill.py").stdout)
+    assert out[:2] == ["run 1: sent 1200 events", "run 2: sent 1200 events"]
+    assert out[2].startswith("first event: timestamp=2025-01-06T09:00:00.000Z messageId=")
+    assert out[3] == "collector: 2400 events received, 1200 distinct message ids (what Klime stores)"
+    assert out[-1] == "undelivered: 0"
+
+
+def test_backfill_against_the_environment(collector: Collector) -> None:
+    run("backfill.py", endpoint=collector.url)
+    events = collector.events
+    assert len(events) == 1200
+    assert len({e["messageId"] for e in events}) == 1200
+    assert events[0]["timestamp"] == "2025-01-06T09:00:00.000Z"
+
+
+def test_testing_example_as_a_script() -> None:
+    out = lines(run("testing_example.py").stdout)
+    assert [line for line in out if line.startswith("ok")] == [
+        "ok  test_signup_identifies_and_tracks",
+        "ok  test_company_signup_links_user_to_group",
+        "ok  test_rejected_signup_sends_nothing",
+        "ok  test_delivery_failure_reaches_on_error",
+    ]
+
+
+def test_testing_example_under_pytest() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLES / "testing_example.py")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 passed" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_framework_example_compiles(name: str, tmp_path: Path) -> None:
+    py_compile.compile(str(EXAMPLES / name), cfile=str(tmp_path / "out.pyc"), doraise=True)
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_framework_example_runs_when_installed(name: str) -> None:
+    for module in FRAMEWORKS[name]:
+        pytest.importorskip(module)
+    out = lines(run(name).stdout)
+    kinds = [line.split()[0] for line in out if line.split()[0] in ("identify", "group", "track")]
+    assert kinds[:2] == ["identify", "group"]
+    assert "track" in kinds

@@ -1,0 +1,183 @@
+"""Every code example in README.md runs.
+
+Each ```python block runs as a script in a fresh interpreter, with
+``KLIME_ENDPOINT`` pointing at a loopback collector and ``KLIME_WRITE_KEY``
+set, so ``KlimeClient(write_key='your-write-key')`` talks to the collector.
+A block must exit with 0, and a block that sends events must have them
+arrive. Blocks preceded by ``<!-- no-run -->`` need a framework or
+application code: they are only parsed. Blocks that use ``client`` without
+creating it (the API reference's snippets) get the client the README says
+they assume. The ``$ python -m klime ...`` lines of ```console blocks run the
+same way.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from .servers import Collector
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+NO_RUN = "<!-- no-run -->"
+
+# What the API reference's snippets assume (the README says so).
+PREAMBLE = "from klime import KlimeClient\nclient = KlimeClient(write_key='your-write-key')\n"
+POSTAMBLE = "\nclient.shutdown()\n"
+
+SENDS = re.compile(r"\.(track|identify|group)(_sync)?\(")
+DEFINES_CLIENT = re.compile(r"^\s*client\s*=|\bas client\b", re.MULTILINE)
+USES_CLIENT = re.compile(r"\bclient\.")
+
+
+@dataclass
+class Block:
+    lang: str
+    line: int  # 1-based line of the opening fence
+    code: str
+    no_run: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.lang}-line{self.line}"
+
+
+def readme_blocks() -> List[Block]:
+    blocks: List[Block] = []
+    lines = README.read_text(encoding="utf-8").splitlines()
+    i = 0
+    previous = ""
+    while i < len(lines):
+        line = lines[i]
+        fence = re.match(r"^```(\w*)\s*$", line)
+        if fence and fence.group(1):
+            start = i
+            body: List[str] = []
+            i += 1
+            while i < len(lines) and lines[i].strip() != "```":
+                body.append(lines[i])
+                i += 1
+            blocks.append(Block(fence.group(1), start + 1, "\n".join(body) + "\n", previous.strip() == NO_RUN))
+        if line.strip():
+            previous = line
+        i += 1
+    return blocks
+
+
+BLOCKS = readme_blocks()
+PYTHON_BLOCKS = [b for b in BLOCKS if b.lang == "python"]
+RUNNABLE = [b for b in PYTHON_BLOCKS if not b.no_run]
+NO_RUN_BLOCKS = [b for b in PYTHON_BLOCKS if b.no_run]
+CLI_LINES = [
+    (b, cmd[2:])
+    for b in BLOCKS
+    if b.lang == "console"
+    for cmd in b.code.splitlines()
+    if cmd.startswith("$ python -m klime ")
+]
+
+
+def _env(collector: Collector) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("KLIME_")}
+    env["KLIME_ENDPOINT"] = collector.url
+    env["KLIME_WRITE_KEY"] = "readme-test-key"
+    env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"  # os.fork() in a threaded process, 3.12+
+    return env
+
+
+def test_readme_has_runnable_examples() -> None:
+    assert len(RUNNABLE) >= 15, "the README lost its examples?"
+    assert len(NO_RUN_BLOCKS) <= 3, "keep README examples runnable; <!-- no-run --> is for framework code"
+    assert len(CLI_LINES) >= 4
+
+
+def test_readme_gives_the_two_commands_first() -> None:
+    """The quick-start and test-suite commands are the first two code blocks."""
+    first, second = BLOCKS[0], BLOCKS[1]
+    assert first.code.strip() == (
+        "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python examples/quickstart.py"
+    )
+    assert second.code.strip() == (
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest -q"
+    )
+    assert (ROOT / "examples" / "quickstart.py").is_file()
+
+
+@pytest.mark.parametrize("block", NO_RUN_BLOCKS, ids=[b.id for b in NO_RUN_BLOCKS])
+def test_no_run_block_is_valid_python(block: Block) -> None:
+    """Blocks that need a framework or application code are at least valid Python."""
+    ast.parse(block.code, filename=f"README.md:{block.line}")
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
+def test_python_block_runs(block: Block, collector: Collector, tmp_path: Path) -> None:
+    code = block.code
+    if USES_CLIENT.search(code) and not DEFINES_CLIENT.search(code):
+        code = PREAMBLE + code + POSTAMBLE
+    script = tmp_path / "block.py"
+    script.write_text(code, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=_env(collector),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"README line {block.line} failed:\n{code}\n--- stderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if SENDS.search(code) and "CapturingClient" not in code:
+        events = collector.wait_for_events(1, timeout=5)
+        assert events, f"README line {block.line} sends events, but none arrived"
+        keys = {request.headers.get("Authorization") for request in collector.requests}
+        assert keys <= {"Bearer your-write-key", "Bearer readme-test-key"}, keys
+
+
+@pytest.mark.parametrize("block,command", CLI_LINES, ids=[f"{b.id}-{c.split()[3]}" for b, c in CLI_LINES])
+def test_cli_line_runs(block: Block, command: str, collector: Collector, tmp_path: Path) -> None:
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "klime"]
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]],
+        cwd=tmp_path,
+        env=_env(collector),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"README line {block.line}: {command}\n{proc.stderr}"
+    assert proc.stdout.startswith("accepted: 1 event"), proc.stdout
+    (event,) = collector.events
+    assert event["type"] == argv[3]
+
+
+def test_local_links_point_to_files() -> None:
+    text = README.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if not re.match(r"^[a-z]+:", t)]
+    assert local, "no local links found"
+    for target in local:
+        assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_anchor_links_point_to_headings() -> None:
+    text = README.read_text(encoding="utf-8")
+    headings = re.findall(r"^#{1,6} (.+)$", text, flags=re.MULTILINE)
+
+    def slug(title: str) -> str:
+        title = re.sub(r"[^\w\- ]", "", title.strip().lower())
+        return title.replace(" ", "-")
+
+    slugs = {slug(h) for h in headings}
+    for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+        assert anchor in slugs, f"README links to #{anchor}, which is no heading"
