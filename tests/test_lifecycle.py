@@ -497,3 +497,71 @@ def test_without_a_flusher_thread_flush_from_a_callback_does_not_deadlock(
     assert not outer.is_alive(), "flush() deadlocked"
     assert nested and nested[0] is False
     assert collector.events[0]["event"] == "Outer"
+
+
+# --- a fork the fork hooks do not see ---------------------------------------------------------------
+
+
+@needs_fork
+def test_child_of_a_c_level_fork_still_delivers_its_own_events(tmp_path: Path, raw_servers: RawServers) -> None:
+    """uWSGI without py-call-osafterfork forks from C: os.register_at_fork hooks never run.
+
+    libc's fork() through ctypes does the same. The client must notice the
+    new pid by itself, start fresh, and never send the parent's queue.
+    """
+    server = raw_servers()
+    script = tmp_path / "c_fork.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import ctypes, os, sys
+            from klime import KlimeClient
+
+            client = KlimeClient("test-write-key", sys.argv[1], flush_interval=60000, max_batch_size=50)
+            for i in range(4):
+                client.track("Parent", {"i": i}, user_id="parent")
+            # PyDLL keeps the GIL across the call, as a C server forking from
+            # Python-aware code does; CDLL would release it and the child
+            # could inherit a GIL owned by a thread that no longer exists.
+            pid = ctypes.PyDLL(None).fork()
+            if pid == 0:
+                for i in range(3):
+                    client.track("Child", {"i": i}, user_id="child")
+                ok = client.flush(timeout=10)
+                os._exit(0 if ok else 3)
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status), "parent", client.flush(timeout=10), flush=True)
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script), server.url], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "child 0 parent True"
+    events = raw_events(server)
+    assert sorted(e["properties"]["i"] for e in events if e["event"] == "Parent") == [0, 1, 2, 3]
+    assert sorted(e["properties"]["i"] for e in events if e["event"] == "Child") == [0, 1, 2]
+
+
+def test_shutdown_lets_a_report_already_under_way_reach_on_error(
+    collector: Collector, make_client: MakeClient
+) -> None:
+    """Events the flusher has taken to report cannot be claimed at the deadline.
+
+    shutdown() must not return (and let the process exit) before on_error
+    has had them; a slow callback shows the window.
+    """
+    reported: List[str] = []
+    entered = threading.Event()
+
+    def slow_on_error(error: Exception, events: List[Any]) -> None:
+        if getattr(error, "reason", None) == "queue_overflow":
+            entered.set()
+            time.sleep(0.4)
+        reported.extend(ev.messageId for ev in events)
+
+    client = make_client(collector.url, max_queue_size=2, max_batch_size=100, on_error=slow_on_error)
+    for i in range(5):  # three overflow drops, reported by the flusher
+        client.track("Overflow", user_id="u1", message_id=f"m-{i}")
+    assert entered.wait(5)
+    client.shutdown(timeout=0.01)
+    assert sorted(reported) == [f"m-{i}" for i in range(5)]
