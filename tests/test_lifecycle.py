@@ -565,3 +565,30 @@ def test_shutdown_lets_a_report_already_under_way_reach_on_error(
     assert entered.wait(5)
     client.shutdown(timeout=0.01)
     assert sorted(reported) == [f"m-{i}" for i in range(5)]
+
+
+def test_client_the_application_let_go_of_still_delivers_at_exit(
+    tmp_path: Path, raw_servers: RawServers
+) -> None:
+    """No reference left to the client, yet its queued events are not lost at exit."""
+    server = raw_servers()
+    script = tmp_path / "dropped_client.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import gc, sys
+            from klime import KlimeClient
+
+            def send_and_forget():
+                client = KlimeClient("test-write-key", sys.argv[1], flush_interval=60000)
+                for i in range(3):
+                    client.track("Forgotten", {"i": i}, user_id="u1")
+
+            send_and_forget()
+            gc.collect()
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script), server.url], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(e["properties"]["i"] for e in raw_events(server)) == [0, 1, 2]

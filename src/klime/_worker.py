@@ -34,6 +34,8 @@ _monotonic = functools.partial(time.monotonic)
 OnError = Callable[[Exception, List[Event]], None]
 OnSuccess = Callable[[BatchResponse], None]
 
+# Of shutdown()'s timeout, this much is kept for the deadline claim itself.
+SHUTDOWN_RESERVE = 0.1
 # How long shutdown() waits, past its deadline, for callbacks already running.
 REPORT_GRACE = 1.0
 # At most one log line per failure reason in this many seconds.
@@ -83,6 +85,10 @@ class Worker:
         self._on_error = on_error
         self._on_success = on_success
         self._reset()
+        # Started now rather than by the first put(): starting a thread takes
+        # ~0.3 ms, which would otherwise land on the caller's first track().
+        with self._lock:
+            self._start()
 
     def _reset(self) -> None:
         """Fresh state: at construction, and in a forked child."""
@@ -201,11 +207,18 @@ class Worker:
 
     def shutdown(self, timeout: Optional[float], send: bool = True) -> bool:
         """Stop accepting, deliver (or, with ``send=False``, report) what is queued, stop the thread."""
+        deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
+
+        def left(reserve: float = 0.0) -> Optional[float]:
+            return None if deadline is None else max(deadline - _monotonic() - reserve, 0.0)
+
         with self._lock:
             self._accepting = False
             target = self._enqueued
         if send:
-            ok = self.flush(timeout, reason="shutdown_deadline")
+            # Keep a little of the budget for reporting what is left, so the
+            # whole shutdown stays within its timeout.
+            ok = self.flush(left(SHUTDOWN_RESERVE), reason="shutdown_deadline")
         else:
             ok = self._claim(target, "not_flushed_at_exit") == 0
         with self._lock:
@@ -218,7 +231,9 @@ class Worker:
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             # Everything is accounted for by now; only a request still in
             # flight after a deadline can keep the thread, and it is a daemon.
-            thread.join(0.5 if ok else 0.05)
+            rest = left()
+            wait = 0.5 if ok else 0.05
+            thread.join(wait if rest is None else min(wait, rest))
         return ok
 
     def _claim(self, target: int, reason: str) -> int:

@@ -7,9 +7,8 @@ import logging
 import os
 import threading
 import time
-import weakref
 from types import TracebackType
-from typing import Any, Callable, List, Mapping, Optional, Type
+from typing import Any, Callable, List, Mapping, Optional, Set, Type
 
 from ._event import Event, coerce_timestamp, copy_fields, prepare_batch
 from ._transport import Sender, Transport, log_rejected
@@ -29,9 +28,10 @@ _MAX_DURATION_MS = threading.TIMEOUT_MAX * 1000
 
 Properties = Optional[Mapping[str, Any]]
 
-# Every live client, for the exit hook and the fork hook. Weak, so that a
-# client the application dropped can still be garbage-collected.
-_clients: weakref.WeakSet[KlimeClient] = weakref.WeakSet()
+# Every client not yet shut down, for the exit hook and the fork hook. Strong
+# references on purpose: a client the application let go of may still hold
+# queued events, and the exit hook must deliver or report them.
+_clients: Set[KlimeClient] = set()
 
 
 def _shutdown_all_at_exit() -> None:
