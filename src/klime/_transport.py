@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+
+# http.client encodes host names with the idna codec on the first connect;
+# importing it with klime keeps that one-off ~10 ms of CPU off the flusher's
+# first send.
+import encodings.idna  # noqa: F401
 import http.client
 import json
 import logging
