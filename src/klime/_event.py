@@ -144,8 +144,10 @@ def format_epoch(t: float) -> str:
     recomputation.
     """
     global _second_cache
-    # Rounded, not truncated: t * 1000 of ...05.998 can come out as ...5997.9999.
-    sec, ms = divmod(round(t * 1000), 1000)
+    # Truncated to the millisecond it happened in, after rounding to whole
+    # microseconds (as datetime does): t * 1000 of ...05.998 can be ...5997.9999.
+    sec, us = divmod(round(t * 1_000_000), 1_000_000)
+    ms = us // 1000
     cached_sec, prefix = _second_cache
     if cached_sec != sec:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
