@@ -314,20 +314,19 @@ def event_json(ev: Event) -> bytes:
     ts = ev._ts
     if ts is None:
         ts = ev._ts = format_epoch(ev._time)
-    parts = ['{"type":"', ev.type, '","messageId":', _quote(ev._id or ev.messageId), ',"timestamp":"', ts, '"']
+    text = f'{{"type":"{ev.type}","messageId":{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
     if ev.event is not None:
-        parts += (',"event":', _quote(ev.event))
+        text = f'{text},"event":{_quote(ev.event)}'
     if ev.userId is not None:
-        parts += (',"userId":', _quote(ev.userId))
+        text = f'{text},"userId":{_quote(ev.userId)}'
     if ev.groupId is not None:
-        parts += (',"groupId":', _quote(ev.groupId))
+        text = f'{text},"groupId":{_quote(ev.groupId)}'
     if ev.properties is not None:
-        parts += (',"properties":', _encode_value(ev.properties))
+        text = f'{text},"properties":{_encode_value(ev.properties)}'
     if ev.traits is not None:
-        parts += (',"traits":', _encode_value(ev.traits))
-    parts.append(_CONTEXT_TAIL)
+        text = f'{text},"traits":{_encode_value(ev.traits)}'
     # UTF-8 here, per event: a lone surrogate in a string fails this event only.
-    return "".join(parts).encode("utf-8")
+    return (text + _CONTEXT_TAIL).encode("utf-8")
 
 
 def prepare_batch(events: Sequence[Event], max_body: int = MAX_BODY_BYTES) -> Prepared:
