@@ -45,6 +45,9 @@ def _reinit_all_after_fork() -> None:
 
 
 atexit.register(_shutdown_all_at_exit)
+# After os.fork() (gunicorn, Celery, multiprocessing) every client starts
+# afresh at once. Forks made from C skip this hook (uWSGI without
+# py-call-osafterfork); the worker's own process-id check covers those.
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_all_after_fork)
 
