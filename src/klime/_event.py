@@ -345,7 +345,11 @@ def prepare_batch(events: Sequence[Event], max_body: int = MAX_BODY_BYTES) -> Pr
     for i, ev in enumerate(events):
         try:
             part = event_json(ev)
-        except (ValueError, TypeError, RecursionError, UnicodeEncodeError) as exc:
+        except Exception as exc:
+            # Not only ValueError/TypeError/RecursionError/UnicodeEncodeError:
+            # a nested dict mutated by another thread while it is encoded
+            # raises RuntimeError, and a dict subclass can raise anything.
+            # Escaping from here would lose the whole batch; it is this event's fault.
             rejected.append(Rejected("unencodable", f"event cannot be encoded as JSON: {exc}", [ev]))
             continue
         if len(part) > MAX_EVENT_BYTES:

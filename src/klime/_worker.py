@@ -115,6 +115,11 @@ class Worker:
         # batch's outcome): a deadline cannot claim those, so shutdown gives
         # them a moment to reach on_error before the process may exit.
         self._reporting = 0
+        # Seq ranges [lo, hi) decided undelivered whose report is still under
+        # way. They are not finished yet, so a flush() starting now covers
+        # them, and its deadline can pass them before _finish() marks waiters:
+        # a waiter is marked from here when it starts and when they are added.
+        self._failing: List[Tuple[int, int]] = []
         self._pid = os.getpid()
         self._log_lock = threading.Lock()
         # reason -> (when last logged, events and batches not logged since)
@@ -178,6 +183,9 @@ class Worker:
                 self._logger.warning("klime: flush() called from a callback; not waiting")
                 return False
             waiter = _Waiter(self._finished, target)
+            for lo, hi in self._failing:
+                if lo < target and hi > waiter.start:
+                    waiter.ok = False
             self._waiters.append(waiter)
             if target > self._flush_upto:
                 self._flush_upto = target
@@ -212,6 +220,11 @@ class Worker:
         def left(reserve: float = 0.0) -> Optional[float]:
             return None if deadline is None else max(deadline - _monotonic() - reserve, 0.0)
 
+        if self._pid != os.getpid():
+            # First call in the child of a fork from C (a uWSGI worker exiting):
+            # the state is the parent's, its lock perhaps held for good, and its
+            # queue the parent's to send (send=False would report it here too).
+            self._forked()
         with self._lock:
             self._accepting = False
             target = self._enqueued
@@ -354,6 +367,7 @@ class Worker:
         elif self._dropped:
             events, self._dropped = self._dropped, []
             self._reporting += 1
+            self._note_failed([ev._seq for ev in events])
             return "drops", events, None
         elif from_queue:
             q = self._queue
@@ -413,6 +427,7 @@ class Worker:
 
     def _send(self, batch: _Batch, wait: Callable[[float], bool]) -> None:
         prep: Prepared = prepare_batch(batch.events)
+        failed_seqs = [ev._seq for rej in prep.rejected for ev in rej.events]
         with self._lock:
             if batch.claimed:
                 return  # reported at a deadline while it was being encoded
@@ -426,13 +441,13 @@ class Worker:
                 self._inflight = None
             if prep.rejected:
                 self._reporting += 1
+                self._note_failed(failed_seqs)
         if prep.rejected:
             try:
                 for rej in prep.rejected:
                     self._fail(SendError(rej.message, rej.events, reason=rej.reason))
             finally:
                 self._end_report()
-        failed_seqs = [ev._seq for rej in prep.rejected for ev in rej.events]
         if not prep.events:
             self._finish(batch.end, failed_seqs)
             return
@@ -441,12 +456,17 @@ class Worker:
             outcome = self._sender.deliver(prep.body, prep.events, wait)
         except SendError as exc:
             outcome = exc
+        # Which events did not get through, known before the callbacks run (see _failing).
+        undelivered: List[Event] = list(prep.events)
+        if isinstance(outcome, BatchResponse):
+            undelivered = log_rejected(self._logger, outcome, prep.events)
         with self._lock:
             claimed = batch.claimed
             batch.claimed = True
             self._inflight = None
             if not claimed:
                 self._reporting += 1
+                self._note_failed([ev._seq for ev in undelivered])
         if claimed:
             if isinstance(outcome, BatchResponse):
                 self._logger.info(
@@ -458,10 +478,9 @@ class Worker:
         try:
             if isinstance(outcome, SendError):
                 self._fail(outcome)
-                failed_seqs.extend(ev._seq for ev in prep.events)
             elif isinstance(outcome, BatchResponse):
-                failed_seqs.extend(ev._seq for ev in log_rejected(self._logger, outcome, prep.events))
                 self._safe_call(self._on_success, outcome)
+            failed_seqs.extend(ev._seq for ev in undelivered)
             self._finish(batch.end, failed_seqs)
         finally:
             self._end_report()
@@ -472,7 +491,17 @@ class Worker:
                 self._mark_failed(min(failed_seqs), max(failed_seqs) + 1)
             if end > self._finished:
                 self._finished = end
+            if self._failing:
+                # A range wholly before ``finished`` can overlap no new waiter.
+                self._failing = [r for r in self._failing if r[1] > self._finished]
             self._done.notify_all()
+
+    def _note_failed(self, seqs: List[int]) -> None:
+        """The lock is held: these events are undelivered; their report is about to run."""
+        if seqs:
+            lo, hi = min(seqs), max(seqs) + 1
+            self._mark_failed(lo, hi)
+            self._failing.append((lo, hi))
 
     def _mark_failed(self, lo: int, hi: int) -> None:
         for w in self._waiters:
@@ -546,4 +575,11 @@ class Worker:
         try:
             fn(*args)
         except Exception:
+            self._logger.exception("klime: the %s callback raised", getattr(fn, "__name__", "user"))
+        except BaseException:
+            # sys.exit() in a callback: on the flusher it would end only that
+            # thread, and every later event would be stranded. On a caller's
+            # thread (a deadline claim, a threadless flush) it is the caller's.
+            if threading.current_thread() is not self._thread:
+                raise
             self._logger.exception("klime: the %s callback raised", getattr(fn, "__name__", "user"))
