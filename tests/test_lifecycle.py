@@ -479,6 +479,21 @@ def test_without_a_flusher_thread_flush_keeps_its_deadline(
 
 
 @pytest.mark.usefixtures("no_flusher_thread")
+def test_without_a_flusher_thread_a_hanging_request_does_not_outlast_the_deadline(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
+) -> None:
+    """Sending on the caller's thread, nothing else can cut a request short: the deadline caps it."""
+    server = raw_servers(lambda r: "hang")
+    client = make_client(server.url, request_timeout=20_000)
+    client.track("Stuck", user_id="u1", message_id="t1")
+    t0 = time.monotonic()
+    assert client.flush(timeout=0.5) is False
+    assert time.monotonic() - t0 < 5, "a 20 s request timeout must not stretch a 0.5 s flush"
+    assert ids_of(recorder.failed_events) == ["t1"]
+    assert {getattr(e, "reason", None) for e, _ in recorder.errors} == {"flush_deadline"}
+
+
+@pytest.mark.usefixtures("no_flusher_thread")
 def test_without_a_flusher_thread_flush_from_a_callback_does_not_deadlock(
     collector: Collector, make_client: MakeClient
 ) -> None:

@@ -237,8 +237,10 @@ class Transport:
             conn = http.client.HTTPConnection(phost, pport, timeout=self._timeout)
         return conn
 
-    def post(self, body: bytes) -> Tuple[int, Message, bytes]:
+    def post(self, body: bytes, timeout: Optional[float] = None) -> Tuple[int, Message, bytes]:
         """One POST; returns (status, headers, body) or raises OSError/HTTPException.
+
+        ``timeout`` (seconds) lowers the request timeout for this request only.
 
         A failure on a reused connection before any response is most often
         the server having closed it while idle, so it is retried once at
@@ -251,10 +253,13 @@ class Transport:
             reused = conn is not None and conn.sock is not None
             if conn is None:
                 conn = self._connect()
+            limit = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
             try:
+                self._set_timeout(conn, limit)
                 conn.request("POST", self._target, body, self._headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                self._set_timeout(conn, self._timeout)
             except (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
                 # The SSL errors: writing to a TLS connection the server has closed.
                 conn.close()
@@ -267,6 +272,12 @@ class Transport:
             self._release(conn)
             return resp.status, resp.msg, data
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _set_timeout(conn: Connection, seconds: float) -> None:
+        conn.timeout = seconds  # used when it (re)connects
+        if conn.sock is not None:
+            conn.sock.settimeout(seconds)
 
     def _release(self, conn: Connection) -> None:
         with self._lock:
@@ -318,20 +329,30 @@ class Sender:
         body: bytes,
         events: Sequence[Event],
         wait: Callable[[float], bool],
+        time_left: Optional[Callable[[], float]] = None,
     ) -> BatchResponse:
         """POST ``body`` until it succeeds, fails permanently or attempts run out.
 
         ``wait(seconds)`` sleeps between attempts and returns False when the
         wait was cut short (a deadline or shutdown): delivery then stops with
-        the last failure.
+        the last failure. ``time_left()``, when given, is the seconds left
+        before a deadline that no request may outlast.
         """
         n = len(events)
         status: Optional[int] = None
         last = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
             retry_after: Optional[float] = None
+            limit = None if time_left is None else time_left()
+            if limit is not None and limit <= 0:
+                raise SendError(
+                    f"{n} event(s) not delivered before the deadline: {last}",
+                    events,
+                    reason="retries_exhausted",
+                    status=status,
+                )
             try:
-                status, headers, data = self.transport.post(body)
+                status, headers, data = self.transport.post(body, limit)
             except (OSError, http.client.HTTPException) as exc:
                 status = None
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -380,7 +380,12 @@ class Worker:
         self._interrupt.clear()
         return kind, events, batch
 
-    def _do(self, job: Tuple[str, List[Event], Optional[_Batch]], wait: Callable[[float], bool]) -> None:
+    def _do(
+        self,
+        job: Tuple[str, List[Event], Optional[_Batch]],
+        wait: Callable[[float], bool],
+        time_left: Optional[Callable[[], float]] = None,
+    ) -> None:
         _, events, batch = job
         try:
             if batch is None:
@@ -390,7 +395,7 @@ class Worker:
                 finally:
                     self._end_report()
             else:
-                self._send(batch, wait)
+                self._send(batch, wait, time_left)
         except Exception:  # pragma: no cover - a bug; keep the thread alive
             self._logger.exception("klime: unexpected error in the flusher thread")
             # Never leave flush() callers waiting on events nobody owns.
@@ -410,6 +415,16 @@ class Worker:
             time.sleep(seconds)
             return True
 
+        def time_left() -> float:
+            # No request may outlast the deadline, since no other thread can
+            # cut it short here; once it has passed, the rest is claimed.
+            if deadline is None:
+                return float("inf")
+            left = deadline - _monotonic()
+            if left <= 0:
+                self._claim(target, reason)
+            return left
+
         budget = -1.0 if deadline is None else min(max(deadline - _monotonic(), 0.0), threading.TIMEOUT_MAX)
         if not self._sending_here.acquire(timeout=budget):
             return
@@ -420,12 +435,14 @@ class Worker:
                     job = self._take(bool(self._queue) and self._queue[0]._seq < target)
                 if job is None:
                     return
-                self._do(job, wait)
+                self._do(job, wait, time_left)
         finally:
             self._sending_thread = None
             self._sending_here.release()
 
-    def _send(self, batch: _Batch, wait: Callable[[float], bool]) -> None:
+    def _send(
+        self, batch: _Batch, wait: Callable[[float], bool], time_left: Optional[Callable[[], float]] = None
+    ) -> None:
         prep: Prepared = prepare_batch(batch.events)
         failed_seqs = [ev._seq for rej in prep.rejected for ev in rej.events]
         with self._lock:
@@ -453,7 +470,7 @@ class Worker:
             return
         outcome: object
         try:
-            outcome = self._sender.deliver(prep.body, prep.events, wait)
+            outcome = self._sender.deliver(prep.body, prep.events, wait, time_left)
         except SendError as exc:
             outcome = exc
         # Which events did not get through, known before the callbacks run (see _failing).

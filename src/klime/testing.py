@@ -120,8 +120,8 @@ class MemoryTransport(Transport):
         """Never a proxy: nothing goes on the network."""
         return None
 
-    def post(self, body: bytes) -> Tuple[int, Message, bytes]:
-        """Record the batch in ``body`` and answer like the ingestion API."""
+    def post(self, body: bytes, timeout: Optional[float] = None) -> Tuple[int, Message, bytes]:
+        """Record the batch in ``body`` and answer like the ingestion API (``timeout`` is moot here)."""
         with self._lock:
             failure = self._fail_queue.popleft() if self._fail_queue else self._fail_always
         if isinstance(failure, OSError):
