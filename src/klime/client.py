@@ -219,20 +219,7 @@ class KlimeClient:
         at its top level now; nested values are read when the event is
         encoded on the flusher thread, so do not mutate them afterwards.
         """
-        if type(event) is not str or not event:
-            _bad_name(event)
-        if user_id is None and group_id is None:
-            raise ValueError("track() needs user_id or group_id (anonymous events are not supported)")
-        if user_id is not None and (type(user_id) is not str or not user_id):
-            _check_id("user_id", user_id, False)
-        if group_id is not None and (type(group_id) is not str or not group_id):
-            _check_id("group_id", group_id, False)
-        props = copy_fields(properties, "properties")
-        if timestamp is None and message_id is None:
-            ev = Event("track", event, user_id, group_id, props, None, time.time())
-        else:
-            ev = self._override(Event("track", event, user_id, group_id, props, None, 0.0), timestamp, message_id)
-        if not self._worker.put(ev):
+        if not self._worker.put(self._track_event(event, properties, user_id, group_id, timestamp, message_id)):
             self._after_shutdown()
 
     def identify(
@@ -244,14 +231,7 @@ class KlimeClient:
         message_id: Optional[str] = None,
     ) -> None:
         """Queue an identify event for ``user_id`` with ``traits``; returns at once."""
-        if type(user_id) is not str or not user_id:
-            _check_id("user_id", user_id, True)
-        tr = copy_fields(traits, "traits")
-        if timestamp is None and message_id is None:
-            ev = Event("identify", None, user_id, None, None, tr, time.time())
-        else:
-            ev = self._override(Event("identify", None, user_id, None, None, tr, 0.0), timestamp, message_id)
-        if not self._worker.put(ev):
+        if not self._worker.put(self._identify_event(user_id, traits, timestamp, message_id)):
             self._after_shutdown()
 
     def group(
@@ -264,16 +244,7 @@ class KlimeClient:
         message_id: Optional[str] = None,
     ) -> None:
         """Queue a group event: set group traits and/or link ``user_id`` to the group."""
-        if type(group_id) is not str or not group_id:
-            _check_id("group_id", group_id, True)
-        if user_id is not None and (type(user_id) is not str or not user_id):
-            _check_id("user_id", user_id, False)
-        tr = copy_fields(traits, "traits")
-        if timestamp is None and message_id is None:
-            ev = Event("group", None, user_id, group_id, None, tr, time.time())
-        else:
-            ev = self._override(Event("group", None, user_id, group_id, None, tr, 0.0), timestamp, message_id)
-        if not self._worker.put(ev):
+        if not self._worker.put(self._group_event(group_id, traits, user_id, timestamp, message_id)):
             self._after_shutdown()
 
     # --- synchronous variants -------------------------------------------------
@@ -293,15 +264,7 @@ class KlimeClient:
         Returns the :class:`BatchResponse`; raises :class:`SendError` if the
         event was not delivered. Callbacks are not called for sync sends.
         """
-        if type(event) is not str or not event:
-            _bad_name(event)
-        if user_id is None and group_id is None:
-            raise ValueError("track_sync() needs user_id or group_id (anonymous events are not supported)")
-        _check_id("user_id", user_id, False)
-        _check_id("group_id", group_id, False)
-        props = copy_fields(properties, "properties")
-        ev = Event("track", event, user_id, group_id, props, None, time.time())
-        return self._send_now(self._override(ev, timestamp, message_id))
+        return self._send_now(self._track_event(event, properties, user_id, group_id, timestamp, message_id))
 
     def identify_sync(
         self,
@@ -312,9 +275,7 @@ class KlimeClient:
         message_id: Optional[str] = None,
     ) -> BatchResponse:
         """Send one identify event now; returns a BatchResponse or raises SendError."""
-        _check_id("user_id", user_id, True)
-        ev = Event("identify", None, user_id, None, None, copy_fields(traits, "traits"), time.time())
-        return self._send_now(self._override(ev, timestamp, message_id))
+        return self._send_now(self._identify_event(user_id, traits, timestamp, message_id))
 
     def group_sync(
         self,
@@ -326,10 +287,7 @@ class KlimeClient:
         message_id: Optional[str] = None,
     ) -> BatchResponse:
         """Send one group event now; returns a BatchResponse or raises SendError."""
-        _check_id("group_id", group_id, True)
-        _check_id("user_id", user_id, False)
-        ev = Event("group", None, user_id, group_id, None, copy_fields(traits, "traits"), time.time())
-        return self._send_now(self._override(ev, timestamp, message_id))
+        return self._send_now(self._group_event(group_id, traits, user_id, timestamp, message_id))
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -388,6 +346,54 @@ class KlimeClient:
     def _make_transport(self, write_key: str) -> Transport:
         """The HTTP layer; ``klime.testing`` overrides it to capture in memory."""
         return Transport(self.endpoint, write_key, self.request_timeout / 1000.0)
+
+    # The checks below run on the caller's thread for every call, so the common
+    # case is tested inline and only a failing value goes to the helpers that
+    # word the error. Everything else about the event happens on the flusher.
+
+    def _track_event(
+        self,
+        event: Any,
+        properties: Properties,
+        user_id: Any,
+        group_id: Any,
+        timestamp: Any,
+        message_id: Optional[str],
+    ) -> Event:
+        if type(event) is not str or not event:
+            _bad_name(event)
+        if user_id is None and group_id is None:
+            raise ValueError("track needs user_id or group_id (anonymous events are not supported)")
+        if user_id is not None and (type(user_id) is not str or not user_id):
+            _check_id("user_id", user_id, False)
+        if group_id is not None and (type(group_id) is not str or not group_id):
+            _check_id("group_id", group_id, False)
+        props = copy_fields(properties, "properties")
+        if timestamp is None and message_id is None:
+            return Event("track", event, user_id, group_id, props, None, time.time())
+        return self._override(Event("track", event, user_id, group_id, props, None, 0.0), timestamp, message_id)
+
+    def _identify_event(
+        self, user_id: Any, traits: Properties, timestamp: Any, message_id: Optional[str]
+    ) -> Event:
+        if type(user_id) is not str or not user_id:
+            _check_id("user_id", user_id, True)
+        tr = copy_fields(traits, "traits")
+        if timestamp is None and message_id is None:
+            return Event("identify", None, user_id, None, None, tr, time.time())
+        return self._override(Event("identify", None, user_id, None, None, tr, 0.0), timestamp, message_id)
+
+    def _group_event(
+        self, group_id: Any, traits: Properties, user_id: Any, timestamp: Any, message_id: Optional[str]
+    ) -> Event:
+        if type(group_id) is not str or not group_id:
+            _check_id("group_id", group_id, True)
+        if user_id is not None and (type(user_id) is not str or not user_id):
+            _check_id("user_id", user_id, False)
+        tr = copy_fields(traits, "traits")
+        if timestamp is None and message_id is None:
+            return Event("group", None, user_id, group_id, None, tr, time.time())
+        return self._override(Event("group", None, user_id, group_id, None, tr, 0.0), timestamp, message_id)
 
     @staticmethod
     def _override(ev: Event, timestamp: Any, message_id: Optional[str]) -> Event:
