@@ -558,7 +558,7 @@ def test_child_of_a_c_level_fork_still_delivers_its_own_events(tmp_path: Path, r
 
 
 def test_shutdown_lets_a_report_already_under_way_reach_on_error(
-    collector: Collector, make_client: MakeClient
+    raw_servers: RawServers, make_client: MakeClient
 ) -> None:
     """Events the flusher has taken to report cannot be claimed at the deadline.
 
@@ -574,12 +574,18 @@ def test_shutdown_lets_a_report_already_under_way_reach_on_error(
             time.sleep(0.4)
         reported.extend(ev.messageId for ev in events)
 
-    client = make_client(collector.url, max_queue_size=2, max_batch_size=100, on_error=slow_on_error)
-    for i in range(5):  # three overflow drops, reported by the flusher
+    # The first request is answered slowly, so the flusher is busy while the queue overflows.
+    answers = iter(["slow:0.3"])
+    server = raw_servers(lambda r: next(answers, "hang"))
+    client = make_client(server.url, max_queue_size=2, max_batch_size=100, on_error=slow_on_error)
+    client.track("Overflow", user_id="u1", message_id="m-0")
+    client.track("Overflow", user_id="u1", message_id="m-1")  # a full queue: sent at once
+    assert server.wait_for_requests(1)
+    for i in range(2, 5):  # m-2 is dropped when m-4 arrives; the flusher reports it
         client.track("Overflow", user_id="u1", message_id=f"m-{i}")
     assert entered.wait(5)
     client.shutdown(timeout=0.01)
-    assert sorted(reported) == [f"m-{i}" for i in range(5)]
+    assert sorted(reported) == ["m-2", "m-3", "m-4"]
 
 
 def test_client_the_application_let_go_of_still_delivers_at_exit(

@@ -79,6 +79,9 @@ class Worker:
     ) -> None:
         self._sender = sender
         self._batch_size = batch_size
+        # Send without waiting for the interval once this many are queued: a
+        # full batch, or a full queue (it would start dropping otherwise).
+        self._send_at = min(batch_size, queue_size)
         self._queue_size = queue_size
         self._interval = flush_interval
         self._logger = logger
@@ -141,7 +144,7 @@ class Worker:
             ev._seq = self._enqueued
             self._enqueued += 1
             q.append(ev)
-            if len(q) >= self._batch_size and not self._wake_pending:
+            if len(q) >= self._send_at and not self._wake_pending:
                 self._wake_pending = True
                 self._work.notify()
             if self._thread is None:
@@ -339,7 +342,7 @@ class Worker:
                     q = self._queue
                     now = _monotonic()
                     due = bool(q) and (
-                        len(q) >= self._batch_size
+                        len(q) >= self._send_at
                         or q[0]._seq < self._flush_upto
                         or self._stopping
                         or now >= next_tick
