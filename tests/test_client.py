@@ -757,7 +757,21 @@ def test_message_id_used_as_given_on_all_six_calls(collector: Collector, make_cl
     for name in SIX:
         ev = sent[f"resend-{name}"]
         assert ev["type"] == name.replace("_sync", "")
-        assert ev["timestamp"].endswith("Z")
+
+
+def test_message_id_alone_stamps_the_time_of_the_call(collector: Collector, make_client: MakeClient) -> None:
+    """message_id= without timestamp= must not change the time (it once sent 1970-01-01)."""
+    client = make_client(collector.url)
+    before = datetime.now(timezone.utc) - timedelta(milliseconds=1)
+    ids = [f"clock-{name}" for name in SIX]
+    for call, mid in zip(_six_calls(client), ids):
+        call(message_id=mid)
+    after = datetime.now(timezone.utc)
+    assert client.flush(timeout=5) is True
+    sent = {e["messageId"]: e for e in collector.events}
+    for mid in ids:
+        stamp = datetime.strptime(sent[mid]["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        assert before <= stamp <= after, (mid, sent[mid]["timestamp"])
 
 
 @pytest.mark.parametrize("bad, exc", [("", ValueError), (123, TypeError)])

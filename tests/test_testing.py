@@ -70,9 +70,11 @@ def test_captures_all_three_calls_in_wire_form(client: CapturingClient, recorder
     assert "userId" not in group_track
     assert group["groupId"] == "org_456" and group["userId"] == "user_123"
     assert bare_group["traits"] == {} and "userId" not in bare_group
+    now = datetime.now(timezone.utc)
     for ev in events:
         assert UUID4.match(ev["messageId"])
-        assert TIMESTAMP.match(ev["timestamp"])
+        stamp = datetime.strptime(ev["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        assert now - timedelta(seconds=30) <= stamp <= now
         assert ev["context"]["library"]["name"] == "python-sdk"
     assert len({ev["messageId"] for ev in events}) == 5
     assert sum(r.accepted for r in recorder.successes) == 5

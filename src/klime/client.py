@@ -371,7 +371,7 @@ class KlimeClient:
         props = copy_fields(properties, "properties")
         if timestamp is None and message_id is None:
             return Event("track", event, user_id, group_id, props, None, time.time())
-        return self._override(Event("track", event, user_id, group_id, props, None, 0.0), timestamp, message_id)
+        return self._override(Event("track", event, user_id, group_id, props, None, time.time()), timestamp, message_id)
 
     def _identify_event(
         self, user_id: Any, traits: Properties, timestamp: Any, message_id: Optional[str]
@@ -381,7 +381,7 @@ class KlimeClient:
         tr = copy_fields(traits, "traits")
         if timestamp is None and message_id is None:
             return Event("identify", None, user_id, None, None, tr, time.time())
-        return self._override(Event("identify", None, user_id, None, None, tr, 0.0), timestamp, message_id)
+        return self._override(Event("identify", None, user_id, None, None, tr, time.time()), timestamp, message_id)
 
     def _group_event(
         self, group_id: Any, traits: Properties, user_id: Any, timestamp: Any, message_id: Optional[str]
@@ -393,7 +393,7 @@ class KlimeClient:
         tr = copy_fields(traits, "traits")
         if timestamp is None and message_id is None:
             return Event("group", None, user_id, group_id, None, tr, time.time())
-        return self._override(Event("group", None, user_id, group_id, None, tr, 0.0), timestamp, message_id)
+        return self._override(Event("group", None, user_id, group_id, None, tr, time.time()), timestamp, message_id)
 
     @staticmethod
     def _override(ev: Event, timestamp: Any, message_id: Optional[str]) -> Event:
