@@ -124,10 +124,13 @@ EXIT_SCRIPT = textwrap.dedent(
 
     def on_error(error, events):
         ids = ",".join(ev.messageId for ev in events)
-        print("ERROR", error.reason, ids, flush=True)
+        # One write per line: callbacks may run on several sender threads at once.
+        sys.stdout.write(f"ERROR {error.reason} {ids}\\n")
+        sys.stdout.flush()
 
     def on_success(response):
-        print("OK", response.accepted, flush=True)
+        sys.stdout.write(f"OK {response.accepted}\\n")
+        sys.stdout.flush()
 
     client = KlimeClient(
         "test-write-key",
@@ -585,7 +588,11 @@ def test_shutdown_lets_a_report_already_under_way_reach_on_error(
         client.track("Overflow", user_id="u1", message_id=f"m-{i}")
     assert entered.wait(5)
     client.shutdown(timeout=0.01)
-    assert sorted(reported) == ["m-2", "m-3", "m-4"]
+    # The drop report under way (m-2) reached on_error before shutdown
+    # returned; what was queued was claimed at the deadline. The batch in
+    # flight (m-0, m-1) may have been answered or claimed, never lost.
+    assert {"m-2", "m-3", "m-4"} <= set(reported)
+    assert len(reported) == len(set(reported))
 
 
 def test_client_the_application_let_go_of_still_delivers_at_exit(

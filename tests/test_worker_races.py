@@ -56,6 +56,7 @@ def test_flush_is_false_while_a_failed_batch_is_still_being_reported(
         assert client.flush(timeout=0.2) is False
     finally:
         gate.released.set()
+    client.flush(timeout=10)  # waits until the report has finished
     assert client.flush(timeout=10) is True  # nothing new queued since
 
 
@@ -147,7 +148,7 @@ def test_unexpected_error_encoding_one_event_fails_that_event_only(
 
 C_FORK_SCRIPT = """
 import ctypes, os, sys, time
-import klime.client
+import klime._lifecycle
 from klime import KlimeClient
 
 def on_error(error, events):
@@ -167,7 +168,7 @@ if pid == 0:
         print("child shutdown", client.shutdown(timeout=2), flush=True)
     else:
         # What the interpreter's exit runs; flush_on_shutdown=False reports the queue instead.
-        klime.client._shutdown_all_at_exit()
+        klime._lifecycle.exit_all()
         print("child exit hook done", flush=True)
     os._exit(0)
 if sys.argv[2] == "locked":

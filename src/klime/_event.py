@@ -383,3 +383,38 @@ def copy_fields(value: Optional[Mapping[str, Any]], what: str) -> Dict[str, Any]
         if type(key) is not str and not isinstance(key, str):
             raise TypeError(f"{what} keys must be strings; got key {key!r} of type {type(key).__name__}")
     return copy
+
+
+# --- TEMPORARY shim until the "values" branch lands -------------------------------------
+def new_event(
+    type: str,
+    event: Optional[str],
+    user_id: Optional[str],
+    group_id: Optional[str],
+    properties: Optional[Dict[str, Any]],
+    traits: Optional[Dict[str, Any]],
+    time_: float,
+    message_id: Optional[str] = None,
+    timestamp: Optional[str] = None,
+    context: Optional[Dict[str, Any]] = None,
+) -> Event:
+    return Event(type, event, user_id, group_id, properties, traits, time_, message_id, timestamp)
+
+
+@dataclass
+class Prepared2:
+    events: List[Event]
+    body: bytes
+    parts: List[bytes] = field(default_factory=list)
+    rejected: List[Rejected] = field(default_factory=list)
+    rest: List[Event] = field(default_factory=list)
+    filtered: List[Event] = field(default_factory=list)
+
+
+class Codec:
+    def __init__(self, **kw: Any) -> None:
+        pass
+
+    def prepare(self, events: Sequence[Event], max_body: int = MAX_BODY_BYTES) -> Prepared2:
+        p = prepare_batch(events, max_body)
+        return Prepared2(p.events, p.body, [], p.rejected, p.rest, [])

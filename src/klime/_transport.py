@@ -27,7 +27,7 @@ import urllib.request
 from datetime import timezone
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
 from ._event import Event
@@ -394,3 +394,40 @@ class Sender:
             reason="retries_exhausted",
             status=status,
         )
+
+
+# --- TEMPORARY shim until the "transport" branch lands ------------------------------------
+class RetryPolicy:
+    def __init__(self, max_attempts: int, initial_delay: float) -> None:
+        self.max_attempts = max_attempts
+        self.initial_delay = initial_delay
+
+
+def check_endpoint(url: str, source: str) -> str:
+    return url.rstrip("/")
+
+
+def HttpTransport(endpoint: str, key: str, timeout: float) -> Transport:  # noqa: N802
+    return Transport(endpoint, key, timeout)
+
+
+_OldSender = Sender
+
+
+class Sender(_OldSender):  # type: ignore[no-redef]
+    def __init__(self, transport: Any, policy: RetryPolicy, logger: logging.Logger, secret: str) -> None:
+        super().__init__(transport, policy.max_attempts, policy.initial_delay, logger, secret=secret)
+
+    def paused(self) -> float:
+        return 0.0
+
+    def deliver(self, body, events, deadline, interrupt, on_failed=None):  # type: ignore[no-untyped-def,override]
+        def wait(s: float) -> bool:
+            return not interrupt.wait(min(s, deadline.remaining()))
+        return super().deliver(body, events, wait, None if deadline.at is None else deadline.remaining)
+
+
+class Response(NamedTuple):
+    status: int
+    headers: Message
+    body: bytes

@@ -1,605 +1,573 @@
-"""The bounded queue and the one flusher thread.
+"""The bounded queue, the dispatcher thread and the sender lanes of one client.
 
-Every queued event gets a sequence number. Events finish strictly in that
-order: the batch in flight, then any batch remainder that did not fit in one
-request (``carry``), then events dropped on overflow, then the queue. So
-"every event before N has finished" is one integer, ``finished``, and
-``flush()`` only has to wait for ``finished >= N``.
+The caller's side (:meth:`Worker.put`) only appends to the ledger under the
+lock. One dispatcher thread decides when a batch is due (full, flush
+requested, interval passed), reports overflow drops, and hands batches to
+sender lanes. One lane sends at a time while the traffic allows; while a
+backlog exists and sending succeeds, more lanes open, up to
+``max_in_flight``, each on its own kept-alive connection, so that delivery
+keeps up with a distant server (docs/design.md, "Lanes").
 
-When a flush or shutdown deadline passes, the waiting thread *claims* every
-unfinished event before its target: it takes them out of the queue (or marks
-the batch in flight as claimed, so the flusher will not report it again) and
-hands them to ``on_error`` itself. Each event is reported exactly once.
+Outcomes are decided under the lock and reported after it is released
+(docs/design.md, "Threads and locks"); the ledger keeps the accounting.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
-from ._event import Event, Prepared, prepare_batch
-from ._transport import Sender, log_rejected
+from ._deadline import Deadline, monotonic
+from ._event import Codec, Event
+from ._ledger import Batch, Ledger
+from ._reporter import Reporter, deadline_message
+from ._transport import Sender
 from .types import BatchResponse, SendError
 
-# Captured once so that a test (or an application) freezing time with
-# freezegun does not stall the flusher: freezegun swaps ``time.monotonic``
-# but does not recognise this wrapper.
-_monotonic = functools.partial(time.monotonic)
+if TYPE_CHECKING:
+    from ._options import Options
 
-OnError = Callable[[Exception, List[Event]], None]
-OnSuccess = Callable[[BatchResponse], None]
-
-# Of shutdown()'s timeout, this much is kept for the deadline claim itself.
+# Of shutdown()'s timeout, this much is kept for reporting what is left.
 SHUTDOWN_RESERVE = 0.1
 # How long shutdown() waits, past its deadline, for callbacks already running.
 REPORT_GRACE = 1.0
-# At most one log line per failure reason in this many seconds.
-DROP_WARNING_INTERVAL = 10.0
-
-
-class _Batch:
-    """A run of events handed to the sender; ``claimed`` once it has been reported."""
-
-    __slots__ = ("events", "end", "claimed")
-
-    def __init__(self, events: List[Event]) -> None:
-        self.events = events
-        self.end = events[-1]._seq + 1
-        self.claimed = False
-
-
-class _Waiter:
-    """One ``flush()`` call: waits for events [start, target); ``ok`` turns False on any failure."""
-
-    __slots__ = ("start", "target", "ok")
-
-    def __init__(self, start: int, target: int) -> None:
-        self.start = start
-        self.target = target
-        self.ok = True
+# A lane beyond the first that had nothing to send for this long ends.
+LANE_IDLE = 10.0
 
 
 class Worker:
-    """Owns the queue and the flusher thread of one client."""
+    """Owns the queue, the dispatcher and the lanes of one client."""
 
-    def __init__(
-        self,
-        sender: Sender,
-        batch_size: int,
-        queue_size: int,
-        flush_interval: float,
-        logger: logging.Logger,
-        on_error: Optional[OnError],
-        on_success: Optional[OnSuccess],
-    ) -> None:
+    def __init__(self, options: Options, codec: Codec, sender: Sender, reporter: Reporter) -> None:
+        self._opts = options
+        self._codec = codec
         self._sender = sender
-        self._batch_size = batch_size
+        self._reporter = reporter
+        self._logger = options.logger
+        self._batch_size = options.max_batch_size
+        self._interval = options.flush_interval
+        self._max_lanes = options.max_in_flight
         # Send without waiting for the interval once this many are queued: a
         # full batch, or a full queue (it would start dropping otherwise).
-        self._send_at = min(batch_size, queue_size)
-        self._queue_size = queue_size
-        self._interval = flush_interval
-        self._logger = logger
-        self._on_error = on_error
-        self._on_success = on_success
-        self._reset()
-        # Started now rather than by the first put(): starting a thread takes
-        # ~0.3 ms, which would otherwise land on the caller's first track().
-        with self._lock:
-            self._start()
+        self._send_at = min(options.max_batch_size, options.max_queue_size)
+        self._reset(accepting=True)
 
-    def _reset(self) -> None:
-        """Fresh state: at construction, and in a forked child."""
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)  # wakes the flusher
+    def _reset(self, accepting: bool) -> None:
+        """Fresh state: at construction, and in a forked child (docs/design.md, "Fork")."""
+        # Re-entrant: a signal handler that calls the client may interrupt
+        # this thread while it holds the lock.
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)  # wakes the dispatcher
+        self._idle_lanes = threading.Condition(self._lock)  # wakes lanes
         self._done = threading.Condition(self._lock)  # wakes flush() callers
-        self._queue: Deque[Event] = deque()
-        self._dropped: List[Event] = []
-        self._carry: List[Event] = []
-        self._inflight: Optional[_Batch] = None
-        self._waiters: List[_Waiter] = []
-        self._enqueued = 0
-        self._finished = 0
+        self.ledger = Ledger(self._opts.max_queue_size)
+        self._ready: Deque[Batch] = deque()
+        self._accepting = accepting
+        self._stopping = False
         self._flush_upto = 0
         self._wake_pending = False
-        self._accepting = True
-        self._stopping = False
-        self._thread: Optional[threading.Thread] = None
-        self._threadless = False  # no flusher could be started: flush() sends itself
-        self._sending_here = threading.Lock()  # one threadless flush() sends at a time
-        self._sending_thread: Optional[threading.Thread] = None  # ... and this is it
-        self._interrupt = threading.Event()  # cuts a retry wait short
-        # Units the sending thread has taken to report (drops, rejects, a
-        # batch's outcome): a deadline cannot claim those, so shutdown gives
-        # them a moment to reach on_error before the process may exit.
-        self._reporting = 0
-        # Seq ranges [lo, hi) decided undelivered whose report is still under
-        # way. They are not finished yet, so a flush() starting now covers
-        # them, and its deadline can pass them before _finish() marks waiters:
-        # a waiter is marked from here when it starts and when they are added.
-        self._failing: List[Tuple[int, int]] = []
-        self._pid = os.getpid()
-        self._log_lock = threading.Lock()
-        # reason -> (when last logged, events and batches not logged since)
-        self._log_state: Dict[str, Tuple[float, int, int]] = {}
+        self._dispatcher: Optional[threading.Thread] = None
+        self._starting = False
+        self._threadless = False  # no thread could be started: flush() sends itself
+        self._lanes = 0
+        self._idle = 0
+        self._healthy = True  # the last request succeeded: more lanes may open
+        self._last_cause: Optional[str] = None
+        self._threads: Dict[int, str] = {}  # ident -> role, for "called from a callback" checks
+        self._signals: Dict[Batch, threading.Event] = {}  # cuts a claimed batch's retry wait short
+        self._reporter.flusher_threads = set()
 
-    # --- the caller's side -------------------------------------------------
+    def after_fork(self) -> None:
+        """In a forked child: the parent's queue, lock and threads stay the parent's."""
+        self._reset(accepting=self._accepting)
+
+    # --- the caller's side ---------------------------------------------------------
 
     def put(self, ev: Event) -> bool:
-        """Queue one event: no I/O, no callbacks. False once shut down."""
-        if self._pid != os.getpid():
-            self._forked()
+        """Queue one event: no I/O, no callbacks, no logging. False once shut down."""
         with self._lock:
             if not self._accepting:
                 return False
-            q = self._queue
-            if len(q) >= self._queue_size:
-                # Reported (on_error, rate-limited log) by the flusher, never here.
-                self._dropped.append(q.popleft())
-            ev._seq = self._enqueued
-            self._enqueued += 1
-            q.append(ev)
-            if len(q) >= self._send_at and not self._wake_pending:
+            ledger = self.ledger
+            overflow = ledger.add(ev)
+            if (overflow or len(ledger.queue) >= self._send_at) and not self._wake_pending:
                 self._wake_pending = True
                 self._work.notify()
-            if self._thread is None:
-                self._start()
+            if self._dispatcher is not None or self._starting or self._threadless:
+                return True
+            self._starting = True
+        self._start_dispatcher()
         return True
 
     def size(self) -> int:
-        """Events waiting to be sent (not counting a batch in flight)."""
-        return len(self._queue) + len(self._carry)
+        """Events waiting to be sent (not counting batches in flight)."""
+        return len(self.ledger.queue)
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="klime-flusher", daemon=True)
+    def start(self) -> None:
+        """Start the dispatcher now rather than on the first call (it costs ~0.3 ms)."""
+        with self._lock:
+            if self._dispatcher is not None or self._starting:
+                return
+            self._starting = True
+        self._start_dispatcher()
+
+    def _start_dispatcher(self) -> None:
+        thread = threading.Thread(target=self._dispatch, name="klime-flusher", daemon=True)
+        error: Optional[BaseException] = None
         try:
-            self._thread.start()
+            thread.start()
         except RuntimeError as exc:
-            # Python 3.12 refuses new threads at interpreter shutdown, e.g. in
-            # an atexit handler that tracks a last event; a process can also
-            # run out of threads. track() must not raise, and what is queued
-            # is then sent by flush()/shutdown() on their caller's thread.
-            self._threadless = True
-            self._logger.warning("klime: cannot start the flusher thread (%s); events wait for flush()", exc)
+            # Python 3.12 refuses new threads at interpreter shutdown (an
+            # atexit handler tracking a last event); a process can also run
+            # out of threads. Then flush()/shutdown() send on their caller's thread.
+            error = exc
+        with self._lock:
+            self._starting = False
+            if error is None:
+                self._dispatcher = thread
+            else:
+                self._threadless = True
+        if error is not None:
+            self._logger.warning("cannot start the sending thread (%s); events wait for flush()", error)
 
-    def flush(self, timeout: Optional[float], reason: str = "flush_deadline") -> bool:
+    # --- flush and shutdown --------------------------------------------------------------
+
+    def flush(self, deadline: Deadline, reason: str = "flush_deadline") -> bool:
         """Wait until every event queued before this call is delivered or reported.
 
         True when all of them were delivered. At the deadline the rest are
         claimed and reported with ``reason``.
         """
-        deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
-        if self._pid != os.getpid():
-            self._forked()
+        me = threading.get_ident()
         with self._lock:
-            target = self._enqueued
-            if self._finished >= target:
+            waiter = self.ledger.add_waiter()
+            if waiter is None:
                 return True
-            me = threading.current_thread()
-            if me is self._thread or me is self._sending_thread:
-                # Called from a callback on the thread that sends: waiting would deadlock.
-                self._logger.warning("klime: flush() called from a callback; not waiting")
-                return False
-            waiter = _Waiter(self._finished, target)
-            for lo, hi in self._failing:
-                if lo < target and hi > waiter.start:
-                    waiter.ok = False
-            self._waiters.append(waiter)
-            if target > self._flush_upto:
-                self._flush_upto = target
-                self._work.notify()
-            threadless = self._threadless
+            in_callback = me in self._threads
+            if in_callback:
+                self.ledger.remove_waiter(waiter)
+            else:
+                if waiter.target > self._flush_upto:
+                    self._flush_upto = waiter.target
+                    self._work.notify()
+                threadless = self._threadless or (self._dispatcher is None and not self._starting)
+        if in_callback:
+            # Waiting on the thread that must do the sending would deadlock.
+            self._logger.warning("flush() called from a callback on a sending thread; not waiting")
+            return False
+        claimed: Tuple[List[Batch], List[Event], List[Event]] = ([], [], [])
         try:
             if threadless:
-                self._send_here(target, deadline, reason)
+                self._send_here(waiter.target, deadline, reason)
             with self._lock:
-                while self._finished < target:
-                    if deadline is None:
-                        self._done.wait()
-                        continue
-                    remaining = deadline - _monotonic()
-                    if remaining <= 0:
+                ledger = self.ledger
+                while ledger.watermark() < waiter.target:
+                    wait = deadline.timeout()
+                    if wait is not None and wait <= 0:
                         break
-                    # A huge timeout (e.g. inf) would make wait() raise OverflowError.
-                    self._done.wait(min(remaining, threading.TIMEOUT_MAX))
-                done = self._finished >= target
-            if not done:
-                # The waiter stays registered so that the claim marks it failed.
-                self._claim(target, reason)
-            return waiter.ok
+                    self._done.wait(wait)
+                if ledger.watermark() < waiter.target:
+                    # The waiter stays registered so that the claim marks it failed.
+                    claimed = self._claim_locked(waiter.target)
+                ok = waiter.ok
         finally:
             with self._lock:
-                self._waiters.remove(waiter)
+                if waiter in self.ledger.waiters:
+                    self.ledger.remove_waiter(waiter)
+        self._report_claimed(claimed, reason)
+        return ok
 
-    def shutdown(self, timeout: Optional[float], send: bool = True) -> bool:
-        """Stop accepting, deliver (or, with ``send=False``, report) what is queued, stop the thread."""
-        deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
-
-        def left(reserve: float = 0.0) -> Optional[float]:
-            return None if deadline is None else max(deadline - _monotonic() - reserve, 0.0)
-
-        if self._pid != os.getpid():
-            # First call in the child of a fork from C (a uWSGI worker exiting):
-            # the state is the parent's, its lock perhaps held for good, and its
-            # queue the parent's to send (send=False would report it here too).
-            self._forked()
+    def close(self, send: bool) -> None:
+        """Stop accepting events; with ``send``, ask for everything queued to go out now."""
         with self._lock:
             self._accepting = False
-            target = self._enqueued
+            if send:
+                self._flush_upto = self.ledger.next_seq
+            self._work.notify()
+
+    def finish(self, deadline: Deadline, send: bool) -> bool:
+        """After :meth:`close`: deliver (or report) everything, then stop the threads."""
         if send:
             # Keep a little of the budget for reporting what is left, so the
             # whole shutdown stays within its timeout.
-            ok = self.flush(left(SHUTDOWN_RESERVE), reason="shutdown_deadline")
+            inner = Deadline(None if deadline.at is None else deadline.at - SHUTDOWN_RESERVE)
+            ok = self.flush(inner, reason="shutdown_deadline")
         else:
-            ok = self._claim(target, "not_flushed_at_exit") == 0
+            with self._lock:
+                claimed = self._claim_locked(None)
+            self._report_claimed(claimed, "not_flushed_at_exit")
+            ok = not any(claimed)
         with self._lock:
             self._stopping = True
-            self._work.notify()
-            thread = self._thread
-        self._interrupt.set()
+            self._work.notify_all()
+            self._idle_lanes.notify_all()
+            thread = self._dispatcher
+            for signal in self._signals.values():
+                signal.set()
+        # Reports already under way are user code that the deadline cannot
+        # claim back; they get a short grace so that exit does not cut them off.
         self._await_reports(REPORT_GRACE)
-        self._log_suppressed()
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            # Everything is accounted for by now; only a request still in
-            # flight after a deadline can keep the thread, and it is a daemon.
-            rest = left()
-            wait = 0.5 if ok else 0.05
-            thread.join(wait if rest is None else min(wait, rest))
+        self._reporter.summarise()
+        if thread is not None and thread.is_alive() and threading.get_ident() not in self._threads:
+            thread.join(min(0.5 if ok else 0.05, deadline.remaining()))
         return ok
 
-    def _claim(self, target: int, reason: str) -> int:
-        """Take every unfinished event before ``target`` and report it as undelivered."""
-        groups: List[List[Event]] = []
-        with self._lock:
-            batch = self._inflight
-            if batch is not None and not batch.claimed and batch.events[0]._seq < target:
-                batch.claimed = True
-                self._interrupt.set()
-                groups.append(batch.events)
-                target = max(target, batch.end)
-            carry = [ev for ev in self._carry if ev._seq < target]
-            if carry:
-                self._carry = self._carry[len(carry) :]
-            dropped = [ev for ev in self._dropped if ev._seq < target]
-            if dropped:
-                self._dropped = self._dropped[len(dropped) :]
-            queued = []
-            q = self._queue
-            while q and q[0]._seq < target:
-                queued.append(q.popleft())
-            rest = carry + queued
-            if rest:
-                groups.append(rest)
-            for group in [*groups, dropped]:
-                if group:
-                    self._mark_failed(group[0]._seq, group[-1]._seq + 1)
-            if target > self._finished:
-                self._finished = target
-                self._done.notify_all()
-        count = sum(len(g) for g in groups) + len(dropped)
+    def _claim_locked(self, target: Optional[int]) -> Tuple[List[Batch], List[Event], List[Event]]:
+        """Claim unfinished events before ``target`` (the lock is held); the caller reports them."""
+        claimed = self.ledger.claim(target)
+        for batch in claimed[0]:
+            signal = self._signals.get(batch)
+            if signal is not None:
+                signal.set()
+        now = time.time()
+        n = sum(len(b.events) for b in claimed[0]) + len(claimed[1]) + len(claimed[2])
+        if n:
+            self._done.notify_all()
+        return claimed
+
+    def _report_claimed(self, claimed: Tuple[List[Batch], List[Event], List[Event]], reason: str) -> None:
+        batches, dropped, queued = claimed
+        now = time.time()
         if dropped:
-            self._report_drops(dropped)
-        for group in groups:
-            what = {
-                "flush_deadline": "flush() timed out",
-                "shutdown_deadline": "shutdown timed out",
-                "not_flushed_at_exit": "the process exited with flush_on_shutdown=False",
-            }.get(reason, reason)
-            self._fail(SendError(f"{len(group)} event(s) not delivered: {what}", group, reason=reason))
-        return count
+            self._count_failed("queue_overflow", len(dropped), now)
+            self._reporter.failed(self._drop_error(dropped))
+        groups = [(b.events, b.cause) for b in batches]
+        if queued:
+            groups.append((queued, None))
+        for events, cause in groups:
+            self._count_failed(reason, len(events), now)
+            message = deadline_message(reason, len(events), cause or self._last_cause)
+            self._reporter.failed(SendError(message, events, reason=reason))
 
-    def after_fork(self, accepting: bool) -> None:
-        """In a forked child: the parent's queue, lock and thread stay the parent's."""
-        self._reset()
-        self._accepting = accepting
+    def _count_failed(self, reason: str, n: int, now: float) -> None:
+        with self._lock:
+            self.ledger.count_failed(reason, n, now)
 
-    def _forked(self) -> None:
-        """The process id changed without our fork hook running.
-
-        A server that forks from C (uWSGI without ``py-call-osafterfork``)
-        skips ``os.register_at_fork`` hooks; the lock may even have been held
-        by the parent's flusher at that moment, so nothing of the old state is
-        touched.
-        """
-        accepting = self._accepting
-        self._reset()
-        self._accepting = accepting
-        self._sender.transport.after_fork()
+    def _drop_error(self, events: List[Event]) -> SendError:
+        return SendError(
+            f"Failed to send {len(events)} event(s): dropped, the queue was full "
+            f"(max_queue_size={self._opts.max_queue_size})",
+            events,
+            reason="queue_overflow",
+        )
 
     def _await_reports(self, grace: float) -> None:
-        """Wait (briefly) until the sending thread has reported what it took."""
-        me = threading.current_thread()
-        if me is self._thread or me is self._sending_thread:
+        """Wait (briefly) until outcomes already decided have reached the callbacks."""
+        if threading.get_ident() in self._threads:
             return
-        deadline = _monotonic() + grace
+        deadline = Deadline.after(grace)
         with self._lock:
-            while self._reporting:
-                remaining = deadline - _monotonic()
-                if remaining <= 0:
-                    self._logger.warning("klime: an on_error/on_success callback is still running at shutdown")
-                    return
-                self._done.wait(remaining)
+            while any(b.decided for b in self.ledger.batches):
+                wait = deadline.timeout()
+                if wait is None or wait <= 0:
+                    break
+                self._done.wait(wait)
+            else:
+                return
+        self._logger.warning("an on_error/on_success callback is still running at shutdown")
 
-    def _end_report(self) -> None:
+    # --- the dispatcher -------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        me = threading.get_ident()
         with self._lock:
-            self._reporting -= 1
-            self._done.notify_all()
-
-    # --- the flusher thread ------------------------------------------------
-
-    def _run(self) -> None:
-        # A partial batch goes out once the interval has passed since the last send.
-        next_tick = _monotonic() + self._interval
+            self._threads[me] = "dispatcher"
+            self._reporter.flusher_threads.add(me)
+        next_tick = monotonic() + self._interval
         while True:
+            start_lane = False
+            drops: Optional[Batch] = None
             with self._lock:
                 while True:
                     self._wake_pending = False
-                    q = self._queue
-                    now = _monotonic()
+                    ledger = self.ledger
+                    drops = ledger.take_drops()
+                    if drops is not None:
+                        break
+                    now = monotonic()
+                    q = ledger.queue
                     due = bool(q) and (
                         len(q) >= self._send_at
                         or q[0]._seq < self._flush_upto
                         or self._stopping
                         or now >= next_tick
                     )
-                    job = self._take(due)
-                    if job is not None:
-                        if job[0] == "queue":
-                            next_tick = now + self._interval
+                    pause = self._sender.paused()
+                    free = self._idle > len(self._ready)
+                    can_open = self._lanes < self._max_lanes and (self._lanes == 0 or self._healthy)
+                    if due and pause <= 0 and (free or can_open):
+                        batch = ledger.take_batch(self._batch_size)
+                        assert batch is not None
+                        self._ready.append(batch)
+                        next_tick = now + self._interval
+                        if free:
+                            self._idle_lanes.notify()
+                            continue
+                        self._lanes += 1
+                        start_lane = True
                         break
-                    if self._stopping:
+                    if self._stopping and not q:
+                        self._threads.pop(me, None)
                         return
-                    self._work.wait(next_tick - now if q else self._interval)
-            self._do(job, self._wait)
+                    if due:
+                        # Busy lanes or a pause: a lane finishing, or the pause ending, wakes us.
+                        wait: Optional[float] = pause if pause > 0 else None
+                    elif q:
+                        wait = next_tick - now
+                    else:
+                        wait = self._interval
+                    self._work.wait(None if wait is None else min(max(wait, 0.001), 3600.0))
+            if drops is not None:
+                self._finish_drops(drops)
+            if start_lane:
+                self._start_lane()
 
-    def _take(self, from_queue: bool) -> Optional[Tuple[str, List[Event], Optional[_Batch]]]:
-        """The next job in sequence order (the lock is held), or None.
-
-        A batch remainder comes first, then overflow drops, then, if
-        ``from_queue``, one batch from the queue, which becomes the batch in
-        flight.
-        """
-        if self._carry:
-            events, self._carry = self._carry, []
-            kind = "carry"
-        elif self._dropped:
-            events, self._dropped = self._dropped, []
-            self._reporting += 1
-            self._note_failed([ev._seq for ev in events])
-            return "drops", events, None
-        elif from_queue:
-            q = self._queue
-            events = [q.popleft() for _ in range(min(len(q), self._batch_size))]
-            kind = "queue"
-        else:
-            return None
-        batch = _Batch(events)
-        self._inflight = batch
-        self._interrupt.clear()
-        return kind, events, batch
-
-    def _do(
-        self,
-        job: Tuple[str, List[Event], Optional[_Batch]],
-        wait: Callable[[float], bool],
-        time_left: Optional[Callable[[], float]] = None,
-    ) -> None:
-        _, events, batch = job
+    def _finish_drops(self, drops: Batch) -> None:
         try:
-            if batch is None:
-                try:
-                    self._report_drops(events)
-                    self._finish(events[-1]._seq + 1, [events[0]._seq, events[-1]._seq])
-                finally:
-                    self._end_report()
-            else:
-                self._send(batch, wait, time_left)
-        except Exception:  # pragma: no cover - a bug; keep the thread alive
-            self._logger.exception("klime: unexpected error in the flusher thread")
-            # Never leave flush() callers waiting on events nobody owns.
-            self._finish(events[-1]._seq + 1, [events[0]._seq, events[-1]._seq])
-
-    def _send_here(self, target: int, deadline: Optional[float], reason: str) -> None:
-        """Without a flusher thread: send the events before ``target`` on this thread.
-
-        A retry wait that would pass the deadline claims what is left instead,
-        as the deadline would from the outside.
-        """
-
-        def wait(seconds: float) -> bool:
-            if deadline is not None and _monotonic() + seconds >= deadline:
-                self._claim(target, reason)
-                return False
-            time.sleep(seconds)
-            return True
-
-        def time_left() -> float:
-            # No request may outlast the deadline, since no other thread can
-            # cut it short here; once it has passed, the rest is claimed.
-            if deadline is None:
-                return float("inf")
-            left = deadline - _monotonic()
-            if left <= 0:
-                self._claim(target, reason)
-            return left
-
-        budget = -1.0 if deadline is None else min(max(deadline - _monotonic(), 0.0), threading.TIMEOUT_MAX)
-        if not self._sending_here.acquire(timeout=budget):
-            return
-        self._sending_thread = threading.current_thread()
-        try:
-            while deadline is None or _monotonic() < deadline:
-                with self._lock:
-                    job = self._take(bool(self._queue) and self._queue[0]._seq < target)
-                if job is None:
-                    return
-                self._do(job, wait, time_left)
+            self._count_failed("queue_overflow", len(drops.events), time.time())
+            self._reporter.failed(self._drop_error(drops.events))
         finally:
-            self._sending_thread = None
-            self._sending_here.release()
+            with self._lock:
+                self.ledger.complete(drops)
+                self._done.notify_all()
 
-    def _send(
-        self, batch: _Batch, wait: Callable[[float], bool], time_left: Optional[Callable[[], float]] = None
-    ) -> None:
-        prep: Prepared = prepare_batch(batch.events)
-        failed_seqs = [ev._seq for rej in prep.rejected for ev in rej.events]
+    def _start_lane(self) -> None:
+        thread = threading.Thread(target=self._lane, name="klime-sender", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._lanes -= 1
+                alone = self._lanes == 0
+                batch = self._ready.popleft() if alone and self._ready else None
+            if batch is not None:
+                # No lane at all: the dispatcher sends this one itself.
+                self._send(batch, Deadline.never())
+
+    # --- the lanes -----------------------------------------------------------------------------
+
+    def _lane(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            self._threads[me] = "lane"
+            self._reporter.flusher_threads.add(me)
+        try:
+            while True:
+                with self._lock:
+                    if not self._ready:
+                        self._idle += 1
+                        try:
+                            idle_since = monotonic()
+                            while not self._ready and not self._stopping:
+                                self._idle_lanes.wait(LANE_IDLE)
+                                if not self._ready and self._lanes > 1 and monotonic() - idle_since >= LANE_IDLE:
+                                    return
+                        finally:
+                            self._idle -= 1
+                        if not self._ready:
+                            return
+                    batch = self._ready.popleft()
+                self._send(batch, Deadline.never())
+                with self._lock:
+                    self._work.notify()
+        finally:
+            with self._lock:
+                self._lanes -= 1
+                self._threads.pop(me, None)
+                self._work.notify()
+
+    def _send_here(self, target: int, deadline: Deadline, reason: str) -> None:
+        """Without any thread: send the events before ``target`` on this thread, within ``deadline``."""
+        me = threading.get_ident()
+        with self._lock:
+            if me in self._threads:
+                return
+            self._threads[me] = "caller"
+        try:
+            self._send_here_locked_out(target, deadline, reason)
+        finally:
+            with self._lock:
+                self._threads.pop(me, None)
+
+    def _send_here_locked_out(self, target: int, deadline: Deadline, reason: str) -> None:
+        while not deadline.expired():
+            with self._lock:
+                ledger = self.ledger
+                drops = ledger.take_drops()
+                batch = None
+                if drops is None and ledger.queue and ledger.queue[0]._seq < target:
+                    batch = ledger.take_batch(self._batch_size)
+            if drops is not None:
+                self._finish_drops(drops)
+            elif batch is not None:
+                self._send(batch, deadline, reason)
+            else:
+                return
+
+    def _send(self, batch: Batch, deadline: Deadline, reason: Optional[str] = None) -> None:
+        """Encode, deliver and report one batch; never raises."""
+        signal = threading.Event()
+        with self._lock:
+            self._signals[batch] = signal
+        try:
+            while True:
+                rest = self._send_part(batch, deadline, signal, reason)
+                if not rest:
+                    return
+                with self._lock:
+                    if batch.claimed:
+                        return
+                    batch.events = rest
+                    batch.lo = rest[0]._seq
+                    batch.decided = False
+        except BaseException:
+            self._logger.exception("unexpected error while sending a batch")
+            with self._lock:
+                events = [] if batch.claimed else batch.events
+                if events:
+                    batch.claimed = True
+            if events:
+                self._count_failed("retries_exhausted", len(events), time.time())
+                self._reporter.failed(
+                    SendError(f"Failed to send {len(events)} event(s): internal error", events)
+                )
+        finally:
+            with self._lock:
+                self._signals.pop(batch, None)
+                self.ledger.complete(batch)
+                self._done.notify_all()
+                self._work.notify()
+
+    def _send_part(
+        self, batch: Batch, deadline: Deadline, signal: threading.Event, reason: Optional[str]
+    ) -> List[Event]:
+        """Send what fits of ``batch`` in one request; returns the events left for the next."""
+        prep = self._codec.prepare(batch.events)
+        opts = self._opts
+        rejected_events = [ev for rej in prep.rejected for ev in rej.events]
         with self._lock:
             if batch.claimed:
-                return  # reported at a deadline while it was being encoded
-            if prep.rest:
-                # Too big for one request: the tail goes first next time.
-                self._carry = prep.rest + self._carry
-                batch.end = prep.rest[0]._seq
-            batch.events = prep.events
-            if not prep.events:
-                batch.claimed = True
-                self._inflight = None
-            if prep.rejected:
-                self._reporting += 1
-                self._note_failed(failed_seqs)
-        if prep.rejected:
-            try:
-                for rej in prep.rejected:
-                    self._fail(SendError(rej.message, rej.events, reason=rej.reason))
-            finally:
-                self._end_report()
+                return []
+            ledger = self.ledger
+            if rejected_events or prep.filtered:
+                # Reported here and now; a deadline must not claim them again.
+                gone = {id(ev) for ev in rejected_events} | {id(ev) for ev in prep.filtered}
+                batch.events = [ev for ev in batch.events if id(ev) not in gone]
+                ledger.filtered += len(prep.filtered)
+                ledger.note_failed(rejected_events)
+        now = time.time()
+        for rej in prep.rejected:
+            self._count_failed(rej.reason, len(rej.events), now)
+            self._reporter.failed(SendError(rej.message, rej.events, reason=rej.reason))
         if not prep.events:
-            self._finish(batch.end, failed_seqs)
-            return
-        outcome: object
+            return prep.rest
+        if opts.debug:
+            for part in prep.parts:
+                self._logger.debug("sending event %s", part.decode("utf-8", "replace"))
+
+        def failed_attempt(cause: str, will_retry: bool) -> None:
+            batch.cause = cause
+            self._last_cause = cause
+            with self._lock:
+                self._healthy = False
+                if will_retry:
+                    self.ledger.retries += 1
+
+        started = monotonic()
+        outcome: Any
         try:
-            outcome = self._sender.deliver(prep.body, prep.events, wait, time_left)
+            outcome = self._sender.deliver(prep.body, prep.events, deadline, signal, failed_attempt)
         except SendError as exc:
             outcome = exc
-        # Which events did not get through, known before the callbacks run (see _failing).
+            if reason is not None and deadline.expired():
+                # Sending on a flush()'s own thread: its deadline cut this short.
+                message = deadline_message(reason, len(prep.events), batch.cause)
+                outcome = SendError(message, prep.events, reason=reason, status=exc.status)
+        if opts.debug:
+            took = monotonic() - started
+            if isinstance(outcome, BatchResponse):
+                self._logger.debug(
+                    "request of %d event(s): accepted=%d failed=%d in %.3fs",
+                    len(prep.events), outcome.accepted, outcome.failed, took,
+                )
+            else:
+                self._logger.debug("request of %d event(s) failed in %.3fs: %s", len(prep.events), took, outcome)
         undelivered: List[Event] = list(prep.events)
         if isinstance(outcome, BatchResponse):
-            undelivered = log_rejected(self._logger, outcome, prep.events)
+            undelivered = self._rejected(outcome, prep.events)
         with self._lock:
-            claimed = batch.claimed
-            batch.claimed = True
-            self._inflight = None
-            if not claimed:
-                self._reporting += 1
-                self._note_failed([ev._seq for ev in undelivered])
+            claimed = not self.ledger.decide(batch, undelivered)
+            if isinstance(outcome, BatchResponse):
+                self._healthy = True
         if claimed:
             if isinstance(outcome, BatchResponse):
                 self._logger.info(
-                    "klime: %d event(s) reported undelivered at a deadline were delivered afterwards",
-                    len(prep.events),
+                    "%d event(s) reported undelivered at a deadline were delivered afterwards", len(prep.events)
                 )
-            self._finish(batch.end, failed_seqs)
-            return
-        try:
-            if isinstance(outcome, SendError):
-                self._fail(outcome)
-            elif isinstance(outcome, BatchResponse):
-                self._safe_call(self._on_success, outcome)
-            failed_seqs.extend(ev._seq for ev in undelivered)
-            self._finish(batch.end, failed_seqs)
-        finally:
-            self._end_report()
-
-    def _finish(self, end: int, failed_seqs: Optional[List[int]]) -> None:
+            return []
+        now = time.time()
         with self._lock:
-            if failed_seqs:
-                self._mark_failed(min(failed_seqs), max(failed_seqs) + 1)
-            if end > self._finished:
-                self._finished = end
-            if self._failing:
-                # A range wholly before ``finished`` can overlap no new waiter.
-                self._failing = [r for r in self._failing if r[1] > self._finished]
-            self._done.notify_all()
+            ledger = self.ledger
+            if isinstance(outcome, BatchResponse):
+                ledger.rejected += len(undelivered)
+                ledger.delivered += len(prep.events) - len(undelivered)
+                ledger.last_success = now
+            else:
+                ledger.count_failed(outcome.reason, len(prep.events), now)
+        if isinstance(outcome, BatchResponse):
+            self._reporter.delivered(outcome, prep.events)
+        else:
+            self._reporter.failed(outcome)
+        return prep.rest
 
-    def _note_failed(self, seqs: List[int]) -> None:
-        """The lock is held: these events are undelivered; their report is about to run."""
-        if seqs:
-            lo, hi = min(seqs), max(seqs) + 1
-            self._mark_failed(lo, hi)
-            self._failing.append((lo, hi))
+    def _rejected(self, response: BatchResponse, events: List[Event]) -> List[Event]:
+        """Events refused inside a 2xx, without logging (the reporter logs them)."""
+        if response.failed <= 0:
+            return []
+        found = [events[e.index] for e in response.errors or [] if 0 <= e.index < len(events)]
+        return found or list(events)
 
-    def _mark_failed(self, lo: int, hi: int) -> None:
-        for w in self._waiters:
-            if lo < w.target and hi > w.start:
-                w.ok = False
+    # --- direct sends (*_sync) ---------------------------------------------------------
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleep between retries; False if a deadline or shutdown cut it short."""
-        return not self._interrupt.wait(seconds)
+    def send_now(self, ev: Event, interrupt: threading.Event) -> BatchResponse:
+        """Send one event on the caller's thread, with the retry policy; raises SendError."""
+        prep = self._codec.prepare([ev])
+        now = time.time()
+        with self._lock:
+            self.ledger.sent_directly += 1
+            self.ledger.filtered += len(prep.filtered)
+        if prep.rejected:
+            rej = prep.rejected[0]
+            self._count_failed(rej.reason, 1, now)
+            raise SendError(rej.message, rej.events, reason=rej.reason)
+        if not prep.events:
+            return BatchResponse(status="filtered", accepted=0, failed=0)
 
-    # --- reporting ---------------------------------------------------------
+        def failed_attempt(cause: str, will_retry: bool) -> None:
+            if will_retry:
+                with self._lock:
+                    self.ledger.retries += 1
 
-    def _report_drops(self, events: List[Event]) -> None:
-        self._fail(
-            SendError(
-                f"{len(events)} event(s) dropped: the queue was full (max_queue_size={self._queue_size})",
-                events,
-                reason="queue_overflow",
-            )
-        )
-
-    def _fail(self, error: SendError) -> None:
-        """Log (rate-limited) and report one undelivered group of events."""
-        self._log_failure(error)
-        self._report(error)
-
-    def _log_failure(self, error: SendError) -> None:
-        """One line per failure, except that a flood of the same kind is summarised.
-
-        Events that can never be sent (unencodable, oversize) are bugs in the
-        caller's data and always get their own line; outages and overflow can
-        fail thousands of batches, so those log at most once per interval per
-        reason, counting what was not logged.
-        """
-        reason = error.reason
-        if reason in ("unencodable", "oversize"):
-            self._logger.error("klime: %s", error.message)
-            return
-        now = _monotonic()
-        with self._log_lock:
-            last, events, batches = self._log_state.get(reason, (-DROP_WARNING_INTERVAL, 0, 0))
-            if now - last < DROP_WARNING_INTERVAL:
-                self._log_state[reason] = (last, events + len(error.events), batches + 1)
-                return
-            self._log_state[reason] = (now, 0, 0)
-        more = f" (and {events} more event(s) in {batches} batch(es) since the last such message)" if events else ""
-        level = logging.WARNING if reason == "queue_overflow" else logging.ERROR
-        self._logger.log(level, "klime: %s%s", error.message, more)
-
-    def _log_suppressed(self) -> None:
-        """At shutdown: say what the rate limit kept out of the log."""
-        with self._log_lock:
-            pending = [(r, e, b) for r, (_, e, b) in self._log_state.items() if e]
-            self._log_state.clear()
-        for reason, events, batches in pending:
-            self._logger.warning(
-                "klime: %d more event(s) in %d batch(es) were undelivered (%s) since the last such message",
-                events,
-                batches,
-                reason,
-            )
-
-    def _report(self, error: SendError) -> None:
-        for ev in error.events:
-            ev.messageId  # noqa: B018 - fix the id before user code sees the event
-        self._safe_call(self._on_error, error, error.events)
-
-    def _safe_call(self, fn: Optional[Callable[..., None]], *args: object) -> None:
-        if fn is None:
-            return
         try:
-            fn(*args)
-        except Exception:
-            self._logger.exception("klime: the %s callback raised", getattr(fn, "__name__", "user"))
-        except BaseException:
-            # sys.exit() in a callback: on the flusher it would end only that
-            # thread, and every later event would be stranded. On a caller's
-            # thread (a deadline claim, a threadless flush) it is the caller's.
-            if threading.current_thread() is not self._thread:
-                raise
-            self._logger.exception("klime: the %s callback raised", getattr(fn, "__name__", "user"))
+            response = self._sender.deliver(prep.body, prep.events, Deadline.never(), interrupt, failed_attempt)
+        except SendError as exc:
+            self._count_failed(exc.reason, 1, time.time())
+            raise
+        rejected = self._reporter.rejected_in(response, prep.events)
+        with self._lock:
+            self.ledger.rejected += len(rejected)
+            self.ledger.delivered += 1 - len(rejected)
+            self.ledger.last_success = time.time()
+        return response
+
+    # --- stats -----------------------------------------------------------------------------
+
+    def snapshot(self) -> Dict[str, Any]:
+        """Counters for ``stats()``."""
+        with self._lock:
+            snap = self.ledger.snapshot()
+            snap["last_success"] = self.ledger.last_success
+            snap["last_failure"] = self.ledger.last_failure
+        return snap

@@ -1,98 +1,91 @@
-"""KlimeClient: argument checks, event building, and the client's lifecycle."""
+"""KlimeClient: the public methods, argument checks and event building.
+
+Everything here runs on the caller's thread, so it is kept to checks and an
+append under a lock; encoding, ids and timestamps happen on the sending side
+(docs/design.md, "Data flow").
+"""
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import threading
 import time
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Callable, List, Mapping, Optional, Set, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Type, Union
 
-from ._event import Event, coerce_timestamp, copy_fields, prepare_batch
-from ._transport import Sender, Transport, log_rejected
+from . import _lifecycle
+from ._deadline import Deadline
+from ._event import Codec, Event, coerce_timestamp, copy_fields, new_event
+from ._lifecycle import check_fork
+from ._options import Options
+from ._reporter import Reporter, scrubber
+from ._transport import HttpTransport, RetryPolicy, Sender, Transport
 from ._worker import Worker
 from .types import BatchResponse, SendError
 
-DEFAULT_ENDPOINT = "https://i.klime.com"
-DEFAULT_FLUSH_INTERVAL = 2000
-DEFAULT_MAX_BATCH_SIZE = 20
-DEFAULT_MAX_QUEUE_SIZE = 1000
-DEFAULT_RETRY_MAX_ATTEMPTS = 5
-DEFAULT_RETRY_INITIAL_DELAY = 1000
-DEFAULT_REQUEST_TIMEOUT = 10000
-DEFAULT_SHUTDOWN_TIMEOUT = 10000
-MAX_BATCH_SIZE = 100
-_MAX_DURATION_MS = threading.TIMEOUT_MAX * 1000
-
 Properties = Optional[Mapping[str, Any]]
+Timestamp = Union[datetime, str, None]
+OnError = Callable[[SendError, List[Event]], None]
+OnSuccess = Callable[[BatchResponse], None]
 
-# Every client not yet shut down, for the exit hook and the fork hook. Strong
-# references on purpose: a client the application let go of may still hold
-# queued events, and the exit hook must deliver or report them.
-_clients: Set[KlimeClient] = set()
+_DEBUG = logging.DEBUG
 
-
-def _shutdown_all_at_exit() -> None:
-    for client in list(_clients):
-        client._at_exit()
+# Client states: open; closing (shutdown under way, perhaps interrupted); closed.
+_OPEN, _CLOSING, _CLOSED = 0, 1, 2
 
 
-def _reinit_all_after_fork() -> None:
-    for client in list(_clients):
-        client._after_fork()
+def _plain(value: Any) -> str:
+    """A ``str`` subclass (StrEnum member) as the plain string it holds."""
+    return "".join((value,))
 
 
-atexit.register(_shutdown_all_at_exit)
-# After os.fork() (gunicorn, Celery, multiprocessing) every client starts
-# afresh at once. Forks made from C skip this hook (uWSGI without
-# py-call-osafterfork); the worker's own process-id check covers those.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_all_after_fork)
+def _check_name(event: Any) -> str:
+    if isinstance(event, str):
+        if event:
+            return _plain(event)
+        raise ValueError("event name must be a non-empty string, e.g. 'Report Generated'")
+    raise TypeError(f"event name must be a string, not {type(event).__name__}")
 
 
-def _number(name: str, value: Any, default: int, *, integer: bool = True) -> Any:
-    """An option that must be a positive number (None means the default)."""
-    if value is None:
-        return default
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        kind = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {kind}, not {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be greater than 0, got {value!r}")
-    if not integer and not value <= _MAX_DURATION_MS:
-        # Past this (e.g. inf) thread waits and socket timeouts raise OverflowError.
-        raise ValueError(f"{name} must be a finite number of milliseconds, at most {_MAX_DURATION_MS:.0f}")
-    return value
-
-
-def _bad_name(event: Any) -> None:
-    if not isinstance(event, str):
-        raise TypeError(f"event name must be a string, not {type(event).__name__}")
-    raise ValueError("event name must be a non-empty string, e.g. 'Report Generated'")
-
-
-def _check_id(name: str, value: Any, required: bool) -> None:
+def _check_id(name: str, value: Any, required: bool) -> Optional[str]:
     if value is None:
         if required:
             raise ValueError(f"{name} is required")
-        return
+        return None
     if not isinstance(value, str):
         raise TypeError(
             f"{name} must be a string, not {type(value).__name__}; pass str({value!r}) if it is a number"
         )
     if not value:
         raise ValueError(f"{name} must be a non-empty string")
+    return _plain(value)
+
+
+def _check_message_id(message_id: Any) -> str:
+    if not isinstance(message_id, str):
+        raise TypeError(f"message_id must be a string, not {type(message_id).__name__}")
+    if not message_id:
+        raise ValueError("message_id must be a non-empty string")
+    return _plain(message_id)
+
+
+def _check_timeout(timeout: Any) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return max(float(timeout), 0.0)
 
 
 class KlimeClient:
     """Sends track, identify and group calls to Klime in the background.
 
     Create one client per process and reuse it. ``track``, ``identify`` and
-    ``group`` only queue the event and return at once; one daemon thread
-    sends batches. Durations are in milliseconds, as in the Klime docs.
+    ``group`` only queue the event and return at once; background threads
+    send batches. Durations are in milliseconds, as in the Klime docs.
 
     Args:
         write_key: your write key; defaults to the ``KLIME_WRITE_KEY``
@@ -113,9 +106,19 @@ class KlimeClient:
         on_error: ``on_error(error, events)`` for every batch that ends
             undelivered; ``error`` is a :class:`SendError` with a ``reason``.
         on_success: ``on_success(response)`` for every delivered batch.
-        request_timeout: ms allowed for connecting and for each read (10000).
+        request_timeout: ms one attempt may take in all: connecting,
+            sending and reading the whole response (10000).
         shutdown_timeout: ms that ``shutdown()`` and process exit may take
             before the rest is reported undelivered (10000).
+        before_send: ``before_send(event_dict)`` returns the dict to send,
+            or None to drop the event; runs on the sending side.
+        default_properties: merged under every track call's properties.
+        default_context: merged under every call's ``context``.
+        json_default: converts values of other types to JSON-compatible ones.
+        disabled: validate calls but queue and send nothing (no write key
+            needed); ``KLIME_DISABLED=1``.
+        debug: log each event and request at DEBUG and make that visible;
+            ``KLIME_DEBUG=1``.
     """
 
     def __init__(
@@ -129,77 +132,128 @@ class KlimeClient:
         retry_initial_delay: Optional[int] = None,
         flush_on_shutdown: Optional[bool] = None,
         logger: Optional[logging.Logger] = None,
-        on_error: Optional[Callable[[Exception, List[Event]], None]] = None,
-        on_success: Optional[Callable[[BatchResponse], None]] = None,
+        on_error: Optional[OnError] = None,
+        on_success: Optional[OnSuccess] = None,
         *,
         request_timeout: Optional[int] = None,
         shutdown_timeout: Optional[int] = None,
+        before_send: Optional[Callable[[Dict[str, Any]], Optional[Mapping[str, Any]]]] = None,
+        default_properties: Optional[Mapping[str, Any]] = None,
+        default_context: Optional[Mapping[str, Any]] = None,
+        json_default: Optional[Callable[[Any], Any]] = None,
+        disabled: Optional[bool] = None,
+        debug: Optional[bool] = None,
+        max_in_flight: Optional[int] = None,
     ) -> None:
-        if write_key is None:
-            write_key = os.environ.get("KLIME_WRITE_KEY")
-        if write_key is None or write_key == "":
-            raise ValueError(
-                "a write key is required: pass KlimeClient(write_key=...) "
-                "or set the KLIME_WRITE_KEY environment variable"
-            )
-        if not isinstance(write_key, str):
-            raise TypeError(f"write_key must be a string, not {type(write_key).__name__}")
-        if not (write_key.isascii() and write_key.isprintable()):
-            # http.client would refuse the header on every send, quoting the key
-            # in its error; the message here must not quote it either.
-            raise ValueError(
-                "write_key contains a newline, control or non-ASCII character; "
-                "strip it (e.g. a trailing newline read from a file)"
-            )
-        if endpoint is None:
-            endpoint = os.environ.get("KLIME_ENDPOINT") or DEFAULT_ENDPOINT
-        if not isinstance(endpoint, str):
-            raise TypeError(f"endpoint must be a string, not {type(endpoint).__name__}")
-        self.endpoint = endpoint.rstrip("/")
-        self.flush_interval = _number("flush_interval", flush_interval, DEFAULT_FLUSH_INTERVAL, integer=False)
-        self.max_batch_size = min(_number("max_batch_size", max_batch_size, DEFAULT_MAX_BATCH_SIZE), MAX_BATCH_SIZE)
-        self.max_queue_size = _number("max_queue_size", max_queue_size, DEFAULT_MAX_QUEUE_SIZE)
-        self.retry_max_attempts = _number("retry_max_attempts", retry_max_attempts, DEFAULT_RETRY_MAX_ATTEMPTS)
-        self.retry_initial_delay = _number(
-            "retry_initial_delay", retry_initial_delay, DEFAULT_RETRY_INITIAL_DELAY, integer=False
+        opts = Options.build(
+            write_key=write_key,
+            endpoint=endpoint,
+            flush_interval=flush_interval,
+            max_batch_size=max_batch_size,
+            max_queue_size=max_queue_size,
+            retry_max_attempts=retry_max_attempts,
+            retry_initial_delay=retry_initial_delay,
+            flush_on_shutdown=flush_on_shutdown,
+            logger=logger,
+            on_error=on_error,
+            on_success=on_success,
+            request_timeout=request_timeout,
+            shutdown_timeout=shutdown_timeout,
+            before_send=before_send,
+            default_properties=default_properties,
+            default_context=default_context,
+            json_default=json_default,
+            disabled=disabled,
+            debug=debug,
+            max_in_flight=max_in_flight,
         )
-        self.request_timeout = _number("request_timeout", request_timeout, DEFAULT_REQUEST_TIMEOUT, integer=False)
-        self.shutdown_timeout = _number(
-            "shutdown_timeout", shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT, integer=False
-        )
-        if flush_on_shutdown is not None and not isinstance(flush_on_shutdown, bool):
-            raise TypeError(f"flush_on_shutdown must be a bool, not {type(flush_on_shutdown).__name__}")
-        self.flush_on_shutdown = True if flush_on_shutdown is None else flush_on_shutdown
-        if logger is not None and not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
-            raise TypeError(f"logger must be a logging.Logger, not {type(logger).__name__}")
-        for name, fn in (("on_error", on_error), ("on_success", on_success)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
-        self._logger: logging.Logger = logger or logging.getLogger("klime")
-
-        transport = self._make_transport(write_key)
+        self._options = opts
+        self._logger: logging.Logger = opts.logger
+        if opts.debug:
+            _make_debug_visible(self._logger)
+        scrub = scrubber(opts.write_key)
+        self._reporter = Reporter(opts.logger, opts.on_error, opts.on_success, scrub)
         self._sender = Sender(
-            transport, self.retry_max_attempts, self.retry_initial_delay / 1000.0, self._logger, secret=write_key
+            self._make_transport(opts),
+            RetryPolicy(opts.retry_max_attempts, opts.retry_initial_delay),
+            opts.logger,
+            opts.write_key,
         )
-        self._worker = Worker(
-            self._sender,
-            self.max_batch_size,
-            self.max_queue_size,
-            self.flush_interval / 1000.0,
-            self._logger,
-            on_error,
-            on_success,
+        self._codec = Codec(
+            json_default=opts.json_default,
+            default_properties=opts.default_properties,
+            default_context=opts.default_context,
+            before_send=opts.before_send,
         )
-        self._closed = False
+        self._worker = Worker(opts, self._codec, self._sender, self._reporter)
+        self._state = _OPEN
+        self._state_lock = threading.RLock()
         self._closing = threading.Event()  # interrupts *_sync retry waits at shutdown
-        self._shutdown_lock = threading.Lock()
         self._ignored = 0
-        _clients.add(self)
+        if opts.disabled:
+            # Calls are still checked; nothing is queued, no thread started.
+            self._state = _CLOSED
+            self._worker.close(send=False)
+            return
+        # Started now rather than by the first call: starting a thread takes
+        # ~0.3 ms, which would otherwise land on the caller's first track().
+        self._worker.start()
+        _lifecycle.register(self)
 
     def __repr__(self) -> str:
         # Never the write key.
-        state = "shut down" if self._closed else "open"
-        return f"<KlimeClient endpoint={self.endpoint!r} queued={self.queue_size()} {state}>"
+        if self._options.disabled:
+            state = "disabled"
+        else:
+            state = ("open", "shutting down", "shut down")[self._state]
+        return f"<klime.KlimeClient endpoint={self.endpoint!r} queued={self.queue_size()} {state}>"
+
+    # --- read-only settings -----------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """The API base URL events are sent to."""
+        return self._options.endpoint
+
+    @property
+    def flush_interval(self) -> float:
+        """Milliseconds between sends of a partly filled batch."""
+        return self._options.flush_interval_ms
+
+    @property
+    def max_batch_size(self) -> int:
+        """Events per request."""
+        return self._options.max_batch_size
+
+    @property
+    def max_queue_size(self) -> int:
+        """Events held in memory before the oldest are dropped."""
+        return self._options.max_queue_size
+
+    @property
+    def retry_max_attempts(self) -> int:
+        """Attempts per batch in all."""
+        return self._options.retry_max_attempts
+
+    @property
+    def retry_initial_delay(self) -> float:
+        """Milliseconds before the first retry."""
+        return self._options.retry_initial_delay_ms
+
+    @property
+    def request_timeout(self) -> float:
+        """Milliseconds one attempt may take in all."""
+        return self._options.request_timeout_ms
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """Milliseconds shutdown() and exit may take."""
+        return self._options.shutdown_timeout_ms
+
+    @property
+    def flush_on_shutdown(self) -> bool:
+        """Whether exit delivers what is queued (else it reports it)."""
+        return self._options.flush_on_shutdown
 
     # --- the analytics calls -------------------------------------------------
 
@@ -210,29 +264,29 @@ class KlimeClient:
         user_id: Optional[str] = None,
         group_id: Optional[str] = None,
         *,
-        timestamp: Any = None,
+        timestamp: Timestamp = None,
         message_id: Optional[str] = None,
+        context: Properties = None,
     ) -> None:
         """Queue a track event; returns at once.
 
         Needs ``user_id`` or ``group_id`` (or both). ``properties`` is copied
         at its top level now; nested values are read when the event is
-        encoded on the flusher thread, so do not mutate them afterwards.
+        encoded on the sending side, so do not mutate them afterwards.
         """
-        if not self._worker.put(self._track_event(event, properties, user_id, group_id, timestamp, message_id)):
-            self._after_shutdown()
+        self._put(self._track_event(event, properties, user_id, group_id, timestamp, message_id, context))
 
     def identify(
         self,
         user_id: str,
         traits: Properties = None,
         *,
-        timestamp: Any = None,
+        timestamp: Timestamp = None,
         message_id: Optional[str] = None,
+        context: Properties = None,
     ) -> None:
         """Queue an identify event for ``user_id`` with ``traits``; returns at once."""
-        if not self._worker.put(self._identify_event(user_id, traits, timestamp, message_id)):
-            self._after_shutdown()
+        self._put(self._identify_event(user_id, traits, timestamp, message_id, context))
 
     def group(
         self,
@@ -240,12 +294,12 @@ class KlimeClient:
         traits: Properties = None,
         user_id: Optional[str] = None,
         *,
-        timestamp: Any = None,
+        timestamp: Timestamp = None,
         message_id: Optional[str] = None,
+        context: Properties = None,
     ) -> None:
         """Queue a group event: set group traits and/or link ``user_id`` to the group."""
-        if not self._worker.put(self._group_event(group_id, traits, user_id, timestamp, message_id)):
-            self._after_shutdown()
+        self._put(self._group_event(group_id, traits, user_id, timestamp, message_id, context))
 
     # --- synchronous variants -------------------------------------------------
 
@@ -256,26 +310,28 @@ class KlimeClient:
         user_id: Optional[str] = None,
         group_id: Optional[str] = None,
         *,
-        timestamp: Any = None,
+        timestamp: Timestamp = None,
         message_id: Optional[str] = None,
+        context: Properties = None,
     ) -> BatchResponse:
         """Send one track event now, with the usual retries.
 
         Returns the :class:`BatchResponse`; raises :class:`SendError` if the
         event was not delivered. Callbacks are not called for sync sends.
         """
-        return self._send_now(self._track_event(event, properties, user_id, group_id, timestamp, message_id))
+        return self._send_now(self._track_event(event, properties, user_id, group_id, timestamp, message_id, context))
 
     def identify_sync(
         self,
         user_id: str,
         traits: Properties = None,
         *,
-        timestamp: Any = None,
+        timestamp: Timestamp = None,
         message_id: Optional[str] = None,
+        context: Properties = None,
     ) -> BatchResponse:
         """Send one identify event now; returns a BatchResponse or raises SendError."""
-        return self._send_now(self._identify_event(user_id, traits, timestamp, message_id))
+        return self._send_now(self._identify_event(user_id, traits, timestamp, message_id, context))
 
     def group_sync(
         self,
@@ -283,16 +339,18 @@ class KlimeClient:
         traits: Properties = None,
         user_id: Optional[str] = None,
         *,
-        timestamp: Any = None,
+        timestamp: Timestamp = None,
         message_id: Optional[str] = None,
+        context: Properties = None,
     ) -> BatchResponse:
         """Send one group event now; returns a BatchResponse or raises SendError."""
-        return self._send_now(self._group_event(group_id, traits, user_id, timestamp, message_id))
+        return self._send_now(self._group_event(group_id, traits, user_id, timestamp, message_id, context))
 
     # --- lifecycle --------------------------------------------------------------
 
     def queue_size(self) -> int:
         """Number of events waiting to be sent."""
+        check_fork()
         return self._worker.size()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -304,7 +362,11 @@ class KlimeClient:
         events still undelivered at the deadline are reported to
         ``on_error`` with reason ``"flush_deadline"``.
         """
-        return self._worker.flush(timeout)
+        seconds = _check_timeout(timeout)
+        check_fork()
+        if self._options.disabled:
+            return True
+        return self._worker.flush(Deadline.after(seconds))
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Deliver what is queued and stop the client.
@@ -314,21 +376,43 @@ class KlimeClient:
         calls are ignored and ``*_sync`` raise :class:`SendError`. Calling it
         again does nothing. Returns True when everything was delivered.
         """
-        return self._stop(timeout, send=True)
+        seconds = _check_timeout(timeout)
+        check_fork()
+        if seconds is None:
+            seconds = self._options.shutdown_timeout
+        deadline = Deadline.after(seconds)
+        if not self._begin_close(send=True):
+            return True
+        return self._finish_close(deadline, send=True)
 
-    def _stop(self, timeout: Optional[float], send: bool) -> bool:
-        with self._shutdown_lock:
-            if self._closed:
-                return True
-            self._closed = True
-        if timeout is None:
-            timeout = self.shutdown_timeout / 1000.0
+    def _begin_close(self, send: bool) -> bool:
+        """Stop accepting; False if the client was already shut down."""
+        with self._state_lock:
+            if self._state == _CLOSED:
+                return False
+            self._state = _CLOSING
         self._closing.set()
+        self._worker.close(send)
+        return True
+
+    def _finish_close(self, deadline: Deadline, send: bool) -> bool:
+        # Until this returns, the client stays registered: a shutdown cut
+        # short (Ctrl-C) is completed by the exit hook, so nothing is lost.
+        ok = self._worker.finish(deadline, send)
+        with self._state_lock:
+            self._state = _CLOSED
+        self._sender.transport.close()
+        _lifecycle.unregister(self)
+        return ok
+
+    def _begin_exit(self) -> None:
+        self._begin_close(send=self._options.flush_on_shutdown)
+
+    def _finish_exit(self, deadline: Deadline) -> None:
         try:
-            return self._worker.shutdown(timeout, send=send)
-        finally:
-            self._sender.transport.close()
-            _clients.discard(self)
+            self._finish_close(deadline, send=self._options.flush_on_shutdown)
+        except Exception:  # pragma: no cover - never break interpreter exit
+            self._logger.exception("error while shutting down at exit")
 
     def __enter__(self) -> KlimeClient:
         return self
@@ -343,13 +427,22 @@ class KlimeClient:
 
     # --- internals ---------------------------------------------------------------
 
-    def _make_transport(self, write_key: str) -> Transport:
-        """The HTTP layer; ``klime.testing`` overrides it to capture in memory."""
-        return Transport(self.endpoint, write_key, self.request_timeout / 1000.0)
+    def _make_transport(self, options: Options) -> Transport:
+        """The HTTP layer; ``klime.testing`` overrides it to deliver in memory."""
+        return HttpTransport(options.endpoint, options.write_key, options.request_timeout)
+
+    def _put(self, ev: Event) -> None:
+        check_fork()
+        if not self._worker.put(ev):
+            self._after_shutdown()
+            return
+        logger = self._logger
+        if logger.isEnabledFor(_DEBUG):
+            logger.debug("Enqueued %s event, queue size: %d", ev.type, self._worker.size())
 
     # The checks below run on the caller's thread for every call, so the common
-    # case is tested inline and only a failing value goes to the helpers that
-    # word the error. Everything else about the event happens on the flusher.
+    # case is tested inline and only an unusual value goes to the helpers that
+    # accept it (a str subclass) or word the error.
 
     def _track_event(
         self,
@@ -358,85 +451,103 @@ class KlimeClient:
         user_id: Any,
         group_id: Any,
         timestamp: Any,
-        message_id: Optional[str],
+        message_id: Any,
+        context: Any,
     ) -> Event:
         if type(event) is not str or not event:
-            _bad_name(event)
+            event = _check_name(event)
         if user_id is None and group_id is None:
             raise ValueError("track needs user_id or group_id (anonymous events are not supported)")
         if user_id is not None and (type(user_id) is not str or not user_id):
-            _check_id("user_id", user_id, False)
+            user_id = _check_id("user_id", user_id, False)
         if group_id is not None and (type(group_id) is not str or not group_id):
-            _check_id("group_id", group_id, False)
+            group_id = _check_id("group_id", group_id, False)
         props = copy_fields(properties, "properties")
-        if timestamp is None and message_id is None:
-            return Event("track", event, user_id, group_id, props, None, time.time())
-        return self._override(Event("track", event, user_id, group_id, props, None, time.time()), timestamp, message_id)
+        if timestamp is None and message_id is None and context is None:
+            return new_event("track", event, user_id, group_id, props, None, time.time())
+        return self._extras("track", event, user_id, group_id, props, None, timestamp, message_id, context)
 
     def _identify_event(
-        self, user_id: Any, traits: Properties, timestamp: Any, message_id: Optional[str]
+        self, user_id: Any, traits: Properties, timestamp: Any, message_id: Any, context: Any
     ) -> Event:
         if type(user_id) is not str or not user_id:
-            _check_id("user_id", user_id, True)
+            user_id = _check_id("user_id", user_id, True)
         tr = copy_fields(traits, "traits")
-        if timestamp is None and message_id is None:
-            return Event("identify", None, user_id, None, None, tr, time.time())
-        return self._override(Event("identify", None, user_id, None, None, tr, time.time()), timestamp, message_id)
+        if timestamp is None and message_id is None and context is None:
+            return new_event("identify", None, user_id, None, None, tr, time.time())
+        return self._extras("identify", None, user_id, None, None, tr, timestamp, message_id, context)
 
     def _group_event(
-        self, group_id: Any, traits: Properties, user_id: Any, timestamp: Any, message_id: Optional[str]
+        self, group_id: Any, traits: Properties, user_id: Any, timestamp: Any, message_id: Any, context: Any
     ) -> Event:
         if type(group_id) is not str or not group_id:
-            _check_id("group_id", group_id, True)
+            group_id = _check_id("group_id", group_id, True)
         if user_id is not None and (type(user_id) is not str or not user_id):
-            _check_id("user_id", user_id, False)
+            user_id = _check_id("user_id", user_id, False)
         tr = copy_fields(traits, "traits")
-        if timestamp is None and message_id is None:
-            return Event("group", None, user_id, group_id, None, tr, time.time())
-        return self._override(Event("group", None, user_id, group_id, None, tr, time.time()), timestamp, message_id)
+        if timestamp is None and message_id is None and context is None:
+            return new_event("group", None, user_id, group_id, None, tr, time.time())
+        return self._extras("group", None, user_id, group_id, None, tr, timestamp, message_id, context)
 
     @staticmethod
-    def _override(ev: Event, timestamp: Any, message_id: Optional[str]) -> Event:
-        """Apply ``timestamp=`` / ``message_id=`` after checking them."""
-        if timestamp is not None:
-            ev._ts = coerce_timestamp(timestamp)
-        if message_id is not None:
-            if not isinstance(message_id, str):
-                raise TypeError(f"message_id must be a string, not {type(message_id).__name__}")
-            if not message_id:
-                raise ValueError("message_id must be a non-empty string")
-            ev._id = message_id
-        return ev
+    def _extras(
+        kind: str,
+        event: Optional[str],
+        user_id: Optional[str],
+        group_id: Optional[str],
+        props: Optional[Dict[str, Any]],
+        traits: Optional[Dict[str, Any]],
+        timestamp: Any,
+        message_id: Any,
+        context: Any,
+    ) -> Event:
+        """An event with ``timestamp=``, ``message_id=`` or ``context=``, each checked on its own."""
+        now = time.time()  # the time of the call, whatever else is given
+        stamp = None if timestamp is None else coerce_timestamp(timestamp)
+        mid = None if message_id is None else _check_message_id(message_id)
+        ctx = None if context is None else copy_fields(context, "context")
+        return new_event(kind, event, user_id, group_id, props, traits, now, mid, stamp, ctx)
 
     def _send_now(self, ev: Event) -> BatchResponse:
-        if self._closed:
-            raise SendError("the client is shut down", [ev], reason="shutdown")
-        prep = prepare_batch([ev])
-        if prep.rejected:
-            rej = prep.rejected[0]
-            raise SendError(rej.message, rej.events, reason=rej.reason)
-        response = self._sender.deliver(prep.body, prep.events, self._sync_wait)
-        log_rejected(self._logger, response, prep.events)
-        return response
-
-    def _sync_wait(self, seconds: float) -> bool:
-        return not self._closing.wait(seconds)
+        check_fork()
+        if self._options.disabled:
+            return BatchResponse(status="disabled", accepted=1, failed=0)
+        if self._state != _OPEN:
+            raise SendError(
+                "Failed to send 1 event(s): the client is shut down (shutdown() was called)", [ev], reason="shutdown"
+            )
+        return self._worker.send_now(ev, self._closing)
 
     def _after_shutdown(self) -> None:
+        if self._options.disabled:
+            return
         # Not on_error: user callbacks never run on the caller's thread.
         self._ignored += 1
         if self._ignored == 1 or self._ignored % 1000 == 0:
-            self._logger.warning(
-                "klime: the client is shut down; %d event(s) ignored so far", self._ignored
-            )
-
-    def _at_exit(self) -> None:
-        try:
-            self._stop(self.shutdown_timeout / 1000.0, send=self.flush_on_shutdown)
-        except Exception:  # pragma: no cover - never break interpreter exit
-            self._logger.exception("klime: error while shutting down at exit")
+            self._logger.warning("the client is shut down; %d event(s) ignored so far", self._ignored)
 
     def _after_fork(self) -> None:
-        self._worker.after_fork(accepting=not self._closed)
+        """In a forked child (called once, by the lifecycle's fork entry)."""
+        self._state_lock = threading.RLock()
+        self._closing = threading.Event()
+        if self._state != _OPEN:
+            self._closing.set()
+        self._reporter.reset()
+        self._worker.after_fork()
         self._sender.transport.after_fork()
-        self._shutdown_lock = threading.Lock()
+
+
+def _make_debug_visible(logger: logging.Logger) -> None:
+    """debug=True: DEBUG records on ``logger`` reach a handler (stderr if none would)."""
+    logger.setLevel(logging.DEBUG)
+    probe: Optional[logging.Logger] = logger
+    while probe is not None:
+        if any(h.level <= logging.DEBUG for h in probe.handlers):
+            return
+        if not probe.propagate:
+            break
+        probe = probe.parent
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)

@@ -61,10 +61,11 @@ from collections import deque
 from email.message import Message
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._event import Event, encode
-from ._transport import Transport
-from .client import KlimeClient
-from .types import BatchResponse
+from ._deadline import Deadline
+from ._event import encode
+from ._options import Options
+from ._transport import Response, Transport
+from .client import KlimeClient, OnError, OnSuccess
 
 __all__ = ["CapturingClient", "Failure", "MemoryTransport"]
 
@@ -98,16 +99,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"the client sent {name}, which is not valid JSON")
 
 
-class MemoryTransport(Transport):
+class MemoryTransport:
     """Stands in for the HTTP transport: answers every request in memory.
 
-    It replaces every method the sender uses (``post``, ``close``,
-    ``after_fork``, ``proxy``), so no socket is ever opened. A request body
-    is checked to be strictly valid JSON, its events are recorded, and the
-    answer is 200 with every event accepted, unless a failure was scheduled.
+    It implements the client's transport interface (``post``, ``close``,
+    ``after_fork``), so no socket is ever opened. A request body is checked
+    to be strictly valid JSON, its events are recorded, and the answer is
+    200 with every event accepted, unless a failure was scheduled.
     """
 
-    # Transport.__init__ is deliberately not called: it prepares connections.
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self._lock = threading.Lock()
@@ -120,8 +120,8 @@ class MemoryTransport(Transport):
         """Never a proxy: nothing goes on the network."""
         return None
 
-    def post(self, body: bytes, timeout: Optional[float] = None) -> Tuple[int, Message, bytes]:
-        """Record the batch in ``body`` and answer like the ingestion API (``timeout`` is moot here)."""
+    def post(self, body: bytes, deadline: Deadline) -> Response:
+        """Record the batch in ``body`` and answer like the ingestion API (the deadline is moot here)."""
         with self._lock:
             failure = self._fail_queue.popleft() if self._fail_queue else self._fail_always
         if isinstance(failure, OSError):
@@ -130,12 +130,12 @@ class MemoryTransport(Transport):
         headers["Content-Type"] = "application/json"
         if failure is not None:
             data = {"status": "error", "message": f"simulated HTTP {failure} (klime.testing)"}
-            return failure, headers, json.dumps(data).encode()
+            return Response(failure, headers, json.dumps(data).encode())
         batch = json.loads(body.decode("utf-8"), parse_constant=_no_constant)["batch"]
         with self._lock:
             self._batches.append(batch)
         answer = {"status": "ok", "accepted": len(batch), "failed": 0}
-        return 200, headers, json.dumps(answer).encode()
+        return Response(200, headers, json.dumps(answer).encode())
 
     def close(self) -> None:
         """Nothing to close."""
@@ -229,7 +229,8 @@ class CapturingClient(KlimeClient):
     Takes the same arguments as ``KlimeClient``; ``write_key`` defaults to
     ``"test-key"`` (no environment variable needed) and
     ``retry_initial_delay`` to 1 ms so that simulated transient failures
-    retry quickly. ``fail_with`` makes every request fail with that HTTP
+    retry quickly, and ``max_in_flight`` to 1 so that events are captured in
+    the order they were queued. ``fail_with`` makes every request fail with that HTTP
     status or ``OSError`` until :meth:`stop_failing`; see also
     :meth:`fail_next`.
 
@@ -252,11 +253,18 @@ class CapturingClient(KlimeClient):
         retry_initial_delay: Optional[int] = None,
         flush_on_shutdown: Optional[bool] = None,
         logger: Optional[logging.Logger] = None,
-        on_error: Optional[Callable[[Exception, List[Event]], None]] = None,
-        on_success: Optional[Callable[[BatchResponse], None]] = None,
+        on_error: Optional[OnError] = None,
+        on_success: Optional[OnSuccess] = None,
         *,
         request_timeout: Optional[int] = None,
         shutdown_timeout: Optional[int] = None,
+        before_send: Optional[Callable[[Dict[str, Any]], Optional[Mapping[str, Any]]]] = None,
+        default_properties: Optional[Mapping[str, Any]] = None,
+        default_context: Optional[Mapping[str, Any]] = None,
+        json_default: Optional[Callable[[Any], Any]] = None,
+        disabled: Optional[bool] = None,
+        debug: Optional[bool] = None,
+        max_in_flight: Optional[int] = None,
         fail_with: Optional[Failure] = None,
     ) -> None:
         failure = None if fail_with is None else _check_failure(fail_with)
@@ -274,6 +282,14 @@ class CapturingClient(KlimeClient):
             on_success,
             request_timeout=request_timeout,
             shutdown_timeout=shutdown_timeout,
+            before_send=before_send,
+            default_properties=default_properties,
+            default_context=default_context,
+            json_default=json_default,
+            disabled=disabled,
+            debug=debug,
+            # One request at a time: events are captured in the order they were queued.
+            max_in_flight=1 if max_in_flight is None else max_in_flight,
         )
         if failure is not None:
             self._memory.fail(failure)
@@ -282,9 +298,9 @@ class CapturingClient(KlimeClient):
         # Typed as this class so that ``with CapturingClient() as c: c.assert_tracked(...)`` type-checks.
         return self
 
-    def _make_transport(self, write_key: str) -> Transport:
+    def _make_transport(self, options: Options) -> Transport:
         # Called from KlimeClient.__init__; the key is not kept anywhere.
-        self._memory = MemoryTransport(self.endpoint)
+        self._memory = MemoryTransport(options.endpoint)
         return self._memory
 
     # --- simulating failures ------------------------------------------------
