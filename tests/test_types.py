@@ -135,7 +135,11 @@ def test_events_pickle_and_copy() -> None:
     for ev in (
         new_event("track", "E", "u", None, {"a": [1]}, None, 5.0, "m1", context={"locale": "fr"}),
         Event(
-            type=EventType.GROUP, messageId="m2", timestamp="t", groupId="g", context=EventContext(LibraryInfo("n", "v"))
+            type=EventType.GROUP,
+            messageId="m2",
+            timestamp="t",
+            groupId="g",
+            context=EventContext(LibraryInfo("n", "v")),
         ),
     ):
         for clone in (pickle.loads(pickle.dumps(ev)), copy.copy(ev), copy.deepcopy(ev)):
