@@ -94,7 +94,7 @@ class Event:
     """
 
     __slots__ = (
-        "type", "event", "userId", "groupId", "properties", "traits", "_time", "_id", "_ts", "_seq", "_ctx",
+        "type", "event", "userId", "groupId", "properties", "traits", "_id", "_ts", "_seq", "_ctx",
     )
 
     type: str
@@ -103,9 +103,10 @@ class Event:
     groupId: Optional[str]  # noqa: N815
     properties: Optional[Dict[str, Any]]
     traits: Optional[Dict[str, Any]]
-    _time: float
     _id: Optional[str]
-    _ts: Optional[str]
+    # The wire timestamp, or until it is first needed the time.time() of the
+    # call (one slot for both keeps the caller's part one store shorter).
+    _ts: Union[str, float]
     _seq: int
     _ctx: Any
 
@@ -133,9 +134,8 @@ class Event:
         self.groupId = groupId
         self.properties = properties
         self.traits = traits
-        self._time = time.time()
         self._id = messageId
-        self._ts = timestamp
+        self._ts = time.time() if timestamp is None else timestamp
         self._seq = -1
         self._ctx = context
 
@@ -153,9 +153,10 @@ class Event:
     @property
     def timestamp(self) -> str:
         """When the call was made: UTC, ISO 8601 with milliseconds and ``Z``."""
-        if self._ts is None:
-            self._ts = format_epoch(self._time)
-        return self._ts
+        ts = self._ts
+        if type(ts) is float:
+            ts = self._ts = format_epoch(ts)
+        return ts  # type: ignore[return-value]
 
     @timestamp.setter
     def timestamp(self, value: str) -> None:
@@ -234,9 +235,8 @@ class _Queued(Event):
         self.groupId = group_id
         self.properties = properties
         self.traits = traits
-        self._time = time_
         self._id = message_id
-        self._ts = timestamp
+        self._ts = time_ if timestamp is None else timestamp
         self._seq = -1  # position in the client's queue order, set when queued
         self._ctx = context  # the call's own context= mapping (already copied)
 
@@ -667,6 +667,7 @@ class Codec:
             self._default_ctx.pop("library", None)
         self._before_send = before_send
         self._make_encoder = _make_encoder if json_default is None else _encoder_factory(_chained(json_default))
+        self._plain = before_send is None and self._defaults is None and self._default_ctx is None
 
     # --- one event -------------------------------------------------------------
 
@@ -709,8 +710,8 @@ class Codec:
         if head is None:
             raise ValueError(f"event type must be one of {', '.join(_TYPES)}, not {_safe_repr(ev.type)}")
         ts = ev._ts
-        if ts is None:
-            ts = ev._ts = format_epoch(ev._time)
+        if type(ts) is float:
+            ts = ev._ts = format_epoch(ts)
         # The fixed fields are strings checked at call time or made by us, so
         # they are quoted directly; only the free-form values go through the
         # encoder, and the constant context is appended pre-encoded.
@@ -767,6 +768,7 @@ class Codec:
         assign_message_ids(events)
         enc = self._make_encoder()
         hook = self._before_send
+        plain = self._plain
         good: List[Event] = []
         parts: List[bytes] = []
         rejected: List[Rejected] = []
@@ -775,8 +777,9 @@ class Codec:
         size = len(_BODY_HEAD) + len(_BODY_TAIL)
         for i, ev in enumerate(events):
             try:
-                if hook is None:
-                    # UTF-8 here, per event: a lone surrogate fails this event only.
+                if plain and type(ev) is _Queued:
+                    part = _plain_json(ev, enc)
+                elif hook is None:
                     part = self.encode_event(ev, enc).encode("utf-8")
                 else:
                     text = self._hooked(ev, enc)
@@ -818,6 +821,29 @@ class Codec:
             size += extra
         body = _BODY_HEAD + b",".join(parts) + _BODY_TAIL if parts else b""
         return Prepared(good, body, parts, rejected, rest, filtered)
+
+
+def _plain_json(ev: Event, enc: Callable[[Any], str]) -> bytes:
+    """``Codec.encode_event`` for a client-built event and a codec without
+    defaults or hook: the path nearly every event takes, kept short."""
+    ts = ev._ts
+    if type(ts) is float:
+        ts = ev._ts = format_epoch(ts)
+    text = f'{_HEAD[ev.type]}{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
+    if ev.event is not None:
+        text = f'{text},"event":{_quote(ev.event)}'
+    if ev.userId is not None:
+        text = f'{text},"userId":{_quote(ev.userId)}'
+    if ev.groupId is not None:
+        text = f'{text},"groupId":{_quote(ev.groupId)}'
+    if ev.properties is not None:
+        text = f'{text},"properties":{enc(ev.properties)}'
+    if ev.traits is not None:
+        text = f'{text},"traits":{enc(ev.traits)}'
+    if ev._ctx is None:
+        # UTF-8 here, per event: a lone surrogate fails this event only.
+        return (text + _CONTEXT_TAIL).encode("utf-8")
+    return f'{text},"context":{enc(_merge_context(None, ev._ctx))}}}'.encode()
 
 
 def _type_name(kind: Any) -> str:
