@@ -6,13 +6,22 @@ check the bytes the SDK really sends, not an internal representation.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import enum
 import json
 import logging
 import re
+import subprocess
+import sys
+import threading
 import uuid
+from collections import namedtuple
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from datetime import time as dt_time
 from decimal import Decimal
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List
 
@@ -21,6 +30,7 @@ from freezegun import freeze_time
 
 import klime
 from klime import Event, KlimeClient, SendError
+from klime._event import Codec, Prepared, coerce_timestamp, copy_fields, format_epoch, new_event
 
 from .conftest import Recorder
 from .servers import Collector, RawServer
@@ -482,3 +492,517 @@ def test_sync_error_events_to_dict(collector: Collector, make_client: MakeClient
     (ev,) = info.value.events
     assert ev.to_dict() == collector.events[0]
     assert set(ev.to_dict()) == BASE_KEYS | {"groupId", "userId", "traits"}
+
+
+# --- values, exactly (issue 7: defects 5, 6, 10, 12) -------------------------------
+
+SRC = str(Path(klime.__file__).resolve().parent.parent)
+
+
+def raw_text(req: Any) -> str:
+    return bytes(req.body).decode("utf-8")
+
+
+def test_integral_decimals_of_any_size_are_exact_integers(make_client: MakeClient) -> None:
+    with RawServer() as server:
+        client = make_client(server.url)
+        client.track(
+            "Money",
+            {
+                "big": Decimal("12345678901234567890"),
+                "neg": Decimal("-98765432109876543210987654321"),
+                "exp": Decimal("1E+30"),
+                "trailing": Decimal("42.000"),
+                "small": Decimal("7"),
+                "frac": Decimal("12.50"),
+            },
+            user_id="u",
+        )
+        assert client.flush(timeout=5) is True
+        (req,) = server.wait_for_requests(1)
+    text = raw_text(req)
+    assert '"big":12345678901234567890,' in text
+    assert '"neg":-98765432109876543210987654321,' in text
+    assert '"exp":1000000000000000000000000000000,' in text
+    assert '"trailing":42,' in text and '"small":7,' in text
+    props = strict_json(req.body)["batch"][0]["properties"]
+    assert props["big"] == 12345678901234567890
+    assert props["neg"] == -98765432109876543210987654321
+    assert props["frac"] == 12.5
+
+
+def test_timestamps_and_datetimes_of_any_year_have_four_digits(collector: Collector, make_client: MakeClient) -> None:
+    client = make_client(collector.url)
+    client.track(
+        "Old",
+        {"when": datetime(999, 1, 2, 3, 4, 5), "day": date(5, 6, 7), "aware": datetime(50, 1, 1, tzinfo=timezone.utc)},
+        user_id="u",
+        timestamp=datetime(999, 1, 2, 3, 4, 5, 678000),
+    )
+    client.identify("u", timestamp="0042-03-04T05:06:07.890Z")
+    track, ident = sent(client, collector)
+    assert track["timestamp"] == "0999-01-02T03:04:05.678Z"
+    assert track["properties"] == {
+        "when": "0999-01-02T03:04:05Z",
+        "day": "0005-06-07",
+        "aware": "0050-01-01T00:00:00Z",
+    }
+    assert ident["timestamp"] == "0042-03-04T05:06:07.890Z"
+
+
+def test_coerce_timestamp_and_format_epoch_pad_the_year() -> None:
+    assert coerce_timestamp(datetime(1, 1, 1)) == "0001-01-01T00:00:00.000Z"
+    assert coerce_timestamp("0999-12-31T23:59:59.999+00:00") == "0999-12-31T23:59:59.999Z"
+    when = datetime(999, 5, 6, 7, 8, 9, 250000, tzinfo=timezone.utc)
+    assert format_epoch(when.timestamp()) == "0999-05-06T07:08:09.250Z"
+    with pytest.raises(ValueError, match="years 1 to 9999"):
+        coerce_timestamp(datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=2))))
+
+
+CYCLE_SCRIPT = r"""
+import json, sys, threading
+sys.setrecursionlimit(100000)
+from klime._event import Codec, new_event
+from klime import testing  # noqa: F401  (the whole package imports)
+
+def run(results):
+    loop_dict = {"name": "a"}
+    loop_dict["self"] = loop_dict
+    loop_list = [1]
+    loop_list.append([loop_list])
+    evs = [
+        new_event("track", "ok-1", "u", None, {"i": 1}, None, 1.0),
+        new_event("track", "dict", "u", None, {"v": loop_dict}, None, 1.0),
+        new_event("identify", None, "u", None, None, {"v": loop_list}, 1.0),
+        new_event("track", "ok-2", "u", None, {"i": 2}, None, 1.0),
+    ]
+    prep = Codec().prepare(evs)
+    results.append({
+        "sent": [e["event"] for e in json.loads(prep.body)["batch"]],
+        "rejected": [(r.reason, [ev.event or ev.type for ev in r.events]) for r in prep.rejected],
+    })
+
+results = []
+run(results)
+t = threading.Thread(target=run, args=(results,))
+t.start(); t.join()
+print(json.dumps(results))
+"""
+
+
+def test_circular_value_is_unencodable_whatever_the_recursion_limit() -> None:
+    # In a child process: before the fix this crashed the interpreter (SIGSEGV).
+    proc = subprocess.run(
+        [sys.executable, "-c", CYCLE_SCRIPT],
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = {"sent": ["ok-1", "ok-2"], "rejected": [["unencodable", ["dict"]], ["unencodable", ["identify"]]]}
+    assert json.loads(proc.stdout) == [expected, expected]
+
+
+def test_circular_value_through_the_client_is_reported_alone(
+    collector: Collector, make_client: MakeClient, recorder: Recorder
+) -> None:
+    loop: Dict[str, Any] = {}
+    loop["loop"] = [loop]
+    client = make_client(collector.url)
+    client.track("Bad", {"v": loop}, user_id="u")
+    client.track("Good", user_id="u")
+    assert client.flush(timeout=5) is False
+    assert [e["event"] for e in collector.events] == ["Good"]
+    assert [(err.reason, [ev.event for ev in evs]) for err, evs in recorder.errors] == [  # type: ignore[attr-defined]
+        ("unencodable", ["Bad"])
+    ]
+
+
+class Plan(str, enum.Enum):
+    PRO = "pro"
+    FREE = "free"
+
+
+def test_str_subclass_keys_are_accepted_and_sent_as_their_text(collector: Collector, make_client: MakeClient) -> None:
+    props = copy_fields({Plan.PRO: 1, "n": Plan.FREE}, "properties")
+    assert list(props) == ["pro", "n"]
+    client = make_client(collector.url)
+    client.track("E", {Plan.PRO: True}, user_id="u")
+    client.identify("u", {Plan.FREE: "x"})
+    track, ident = sent(client, collector)
+    assert track["properties"] == {"pro": True}
+    assert ident["traits"] == {"free": "x"}
+
+
+def test_str_subclass_names_and_ids_are_encoded_as_their_text() -> None:
+    class Name(str):
+        pass
+
+    ev = new_event("track", Plan.PRO, Name("u1"), Plan.FREE, {}, None, 0.0, Name("mid-1"))
+    prep = Codec().prepare([ev])
+    (wire,) = json.loads(prep.body)["batch"]
+    assert (wire["event"], wire["userId"], wire["groupId"], wire["messageId"]) == ("pro", "u1", "free", "mid-1")
+
+
+class ReprRaises:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __repr__(self) -> str:
+        raise self.exc
+
+
+def test_value_whose_repr_raises_cancelled_error_does_not_stop_the_flusher(
+    collector: Collector, make_client: MakeClient, recorder: Recorder
+) -> None:
+    client = make_client(collector.url)
+    client.track("Bad", {"v": ReprRaises(asyncio.CancelledError())}, user_id="u")
+    client.track("Good", user_id="u")
+    assert client.flush(timeout=5) is False
+    client.track("After", user_id="u")
+    assert client.flush(timeout=5) is True
+    assert [e["event"] for e in collector.events] == ["Good", "After"]
+    ((error, events),) = recorder.errors
+    assert error.reason == "unencodable"  # type: ignore[attr-defined]
+    assert [ev.event for ev in events] == ["Bad"]
+    assert "ReprRaises" in error.message  # type: ignore[attr-defined]
+
+
+class Exploding(dict):  # type: ignore[type-arg]
+    """A mapping whose encoding raises a BaseException."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(a=1)
+        self.exc = exc
+
+    def items(self) -> Any:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc", [asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(3), GeneratorExit()], ids=type
+)
+def test_any_base_exception_from_a_value_rejects_that_event_off_the_main_thread(exc: BaseException) -> None:
+    class Odd:
+        def __init__(self) -> None:
+            self.exc = exc
+
+    def bad_default(o: Any) -> Any:
+        raise exc
+
+    events = [
+        new_event("track", "A", "u", None, {"v": Exploding(exc)}, None, 1.0),
+        new_event("track", "B", "u", None, {"v": Odd()}, None, 1.0),
+        new_event("track", "C", "u", None, {"v": ReprRaises(exc)}, None, 1.0),
+        new_event("track", "D", "u", None, {"i": 1}, None, 1.0),
+    ]
+    out: List[Prepared] = []
+    t = threading.Thread(target=lambda: out.append(Codec(json_default=bad_default).prepare(events)))
+    t.start()
+    t.join()
+    (prep,) = out
+    assert [ev.event for ev in prep.events] == ["D"]
+    assert [(r.reason, r.events[0].event) for r in prep.rejected] == [
+        ("unencodable", "A"),
+        ("unencodable", "B"),
+        ("unencodable", "C"),
+    ]
+    assert all(type(exc).__name__ in r.message for r in prep.rejected)
+
+
+def test_keyboard_interrupt_while_encoding_on_the_main_thread_propagates() -> None:
+    # On the main thread (a *_sync call) it may be a real Ctrl-C: never swallowed.
+    ev = new_event("track", "A", "u", None, {"v": Exploding(KeyboardInterrupt())}, None, 1.0)
+    with pytest.raises(KeyboardInterrupt):
+        Codec().prepare([ev])
+    prep = Codec().prepare([new_event("track", "A", "u", None, {"v": Exploding(asyncio.CancelledError())}, None, 1.0)])
+    assert [r.reason for r in prep.rejected] == ["unencodable"]
+
+
+# --- more value types (issue 11, item 6) ----------------------------------------------
+
+
+@dataclass
+class Address:
+    city: str
+    since: date
+
+
+@dataclass
+class Customer:
+    name: str
+    address: Address
+    tags: List[str]
+
+
+class PydanticV2Like:
+    def model_dump(self) -> Dict[str, Any]:
+        return {"plan": "pro", "seats": Decimal("5")}
+
+
+class PydanticV1Like:
+    def dict(self) -> Dict[str, Any]:
+        return {"plan": "free"}
+
+
+class NumpyScalarLike:
+    """Duck-typed like numpy.int64: .item() gives the Python scalar."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def item(self) -> Any:
+        return self.value
+
+
+class NumpyArrayLike:
+    def __init__(self, rows: List[List[float]]) -> None:
+        self.rows = rows
+
+    def tolist(self) -> List[List[float]]:
+        return self.rows
+
+    def item(self) -> Any:
+        raise ValueError("can only convert an array of size 1 to a Python scalar")
+
+
+Point = namedtuple("Point", "x y")
+
+
+def test_more_value_types_are_converted_on_the_sending_side(collector: Collector, make_client: MakeClient) -> None:
+    values: Dict[str, Any] = {
+        "customer": Customer("Ann", Address("Oslo", date(2020, 1, 2)), ["a"]),
+        "v2": PydanticV2Like(),
+        "v1": PydanticV1Like(),
+        "int64": NumpyScalarLike(7),
+        "float32": NumpyScalarLike(0.5),
+        "matrix": NumpyArrayLike([[1.0, 2.0], [3.0, 4.5]]),
+        "point": Point(1, 2),
+        "at": dt_time(9, 30),
+        "at_us": dt_time(9, 30, 5, 250),
+        "view": MappingProxyType({"nested": {"ok": True}}),
+    }
+    client = make_client(collector.url)
+    client.track("Values", values, user_id="u")
+    (ev,) = sent(client, collector)
+    assert ev["properties"] == {
+        "customer": {"name": "Ann", "address": {"city": "Oslo", "since": "2020-01-02"}, "tags": ["a"]},
+        "v2": {"plan": "pro", "seats": 5},
+        "v1": {"plan": "free"},
+        "int64": 7,
+        "float32": 0.5,
+        "matrix": [[1.0, 2.0], [3.0, 4.5]],
+        "point": [1, 2],
+        "at": "09:30:00",
+        "at_us": "09:30:05.000250",
+        "view": {"nested": {"ok": True}},
+    }
+
+
+@pytest.mark.parametrize(
+    "delta, text",
+    [
+        (timedelta(hours=1, minutes=30), "PT1H30M"),
+        (timedelta(days=2, seconds=0.5), "P2DT0.5S"),
+        (timedelta(days=1), "P1D"),
+        (timedelta(0), "PT0S"),
+        (timedelta(seconds=59, microseconds=1), "PT59.000001S"),
+        (timedelta(days=3, hours=4, minutes=5, seconds=6), "P3DT4H5M6S"),
+        (timedelta(minutes=-90), "-PT1H30M"),
+        (timedelta(microseconds=-1), "-PT0.000001S"),
+        (timedelta.min, "-P999999999D"),
+    ],
+)
+def test_timedelta_is_an_iso_8601_duration(delta: timedelta, text: str) -> None:
+    ev = new_event("track", "E", "u", None, {"d": delta}, None, 0.0, "m")
+    prep = Codec().prepare([ev])
+    assert json.loads(prep.body)["batch"][0]["properties"] == {"d": text}
+
+
+def test_json_default_is_tried_before_unencodable_and_its_failure_rejects_one_event() -> None:
+    class Money:
+        def __init__(self, cents: int) -> None:
+            self.cents = cents
+
+    class Secret:
+        pass
+
+    seen: List[Any] = []
+
+    def fallback(o: Any) -> Any:
+        seen.append(type(o).__name__)
+        if isinstance(o, Money):
+            return {"cents": o.cents}
+        raise TypeError(f"no idea how to send {type(o).__name__}")
+
+    codec = Codec(json_default=fallback)
+    events = [
+        new_event("track", "Paid", "u", None, {"m": Money(250), "day": date(2026, 1, 2)}, None, 0.0),
+        new_event("track", "Leak", "u", None, {"s": Secret()}, None, 0.0),
+        new_event("identify", None, "u", None, None, {"m": [Money(1)]}, 0.0),
+    ]
+    prep = codec.prepare(events)
+    batch = json.loads(prep.body)["batch"]
+    assert [(e["type"], e.get("properties", e.get("traits"))) for e in batch] == [
+        ("track", {"m": {"cents": 250}, "day": "2026-01-02"}),
+        ("identify", {"m": [{"cents": 1}]}),
+    ]
+    assert [(r.reason, r.events[0].event) for r in prep.rejected] == [("unencodable", "Leak")]
+    assert "no idea how to send Secret" in prep.rejected[0].message
+    assert seen == ["Money", "Secret", "Money"]  # never asked about types the SDK knows
+    # Without json_default the same value is unencodable.
+    (rej,) = Codec().prepare(events[:1]).rejected
+    assert rej.reason == "unencodable" and "Money" in rej.message
+
+
+# --- Codec options (issue 11, items 1 and 2) --------------------------------------------
+
+LIB = {"name": "python-sdk", "version": klime.__version__}
+
+
+def batch_of(prep: Prepared) -> List[Dict[str, Any]]:
+    return list(json.loads(prep.body)["batch"]) if prep.body else []
+
+
+def test_fast_path_output_is_exact() -> None:
+    ev = new_event("track", "Signed Up", "u1", "g1", {"plan": "pro", "n": 2}, None, 0.0, "mid-1")
+    prep = Codec().prepare([ev])
+    expected = (
+        '{"type":"track","messageId":"mid-1","timestamp":"1970-01-01T00:00:00.000Z","event":"Signed Up",'
+        '"userId":"u1","groupId":"g1","properties":{"plan":"pro","n":2},"context":{"library":{"name":"python-sdk",'
+        f'"version":"{klime.__version__}"}}}}}}'
+    )
+    assert prep.parts == [expected.encode()]
+    assert prep.body == b'{"batch":[' + expected.encode() + b"]}"
+    assert (prep.events, prep.rejected, prep.rest, prep.filtered) == ([ev], [], [], [])
+
+
+def test_default_properties_and_contexts_are_merged_under_the_calls() -> None:
+    codec = Codec(
+        default_properties={"app": "web", "plan": "free"},
+        default_context={"locale": "en-GB", "timezone": "UTC", "library": "ignored"},
+    )
+    events = [
+        new_event("track", "A", "u", None, {"plan": "pro"}, None, 0.0, context={"locale": "de-DE"}),
+        new_event("identify", None, "u", None, None, {"plan": "x"}, 0.0),
+        new_event("group", None, None, "g", None, {}, 0.0, context={"library": {"name": "evil"}, "ip": "1.2.3.4"}),
+    ]
+    track, ident, grp = batch_of(codec.prepare(events))
+    assert track["properties"] == {"app": "web", "plan": "pro"}
+    assert track["context"] == {"library": LIB, "locale": "de-DE", "timezone": "UTC"}
+    assert ident["traits"] == {"plan": "x"}  # default_properties apply to track only
+    assert ident["context"] == {"library": LIB, "locale": "en-GB", "timezone": "UTC"}
+    assert grp["context"] == {"library": LIB, "locale": "en-GB", "timezone": "UTC", "ip": "1.2.3.4"}
+    # The event itself is unchanged (the merge happens on the wire only).
+    assert events[0].properties == {"plan": "pro"}
+
+
+def test_the_calls_own_context_goes_beside_library_without_options() -> None:
+    ev = new_event("track", "A", "u", None, {}, None, 0.0, context={"userAgent": "Mozilla", "library": "x"})
+    (wire,) = batch_of(Codec().prepare([ev]))
+    assert wire["context"] == {"library": LIB, "userAgent": "Mozilla"}
+    assert ev.context == {"library": LIB, "userAgent": "Mozilla"}
+    assert ev.to_dict() == wire
+
+
+def test_before_send_changes_drops_and_sees_the_wire_dict() -> None:
+    seen: List[Dict[str, Any]] = []
+
+    def hook(wire: Dict[str, Any]) -> Any:
+        seen.append(copy.deepcopy(wire))
+        if wire.get("event") == "Drop":
+            return None
+        wire.get("properties", {}).pop("email", None)
+        wire["properties"] = {**wire.get("properties", {}), "hooked": True} if wire["type"] == "track" else None
+        return wire
+
+    codec = Codec(before_send=hook, default_properties={"app": "web"})
+    events = [
+        new_event("track", "Keep", "u", None, {"email": "a@b.c", "when": date(2026, 1, 2)}, None, 0.0, "m1"),
+        new_event("track", "Drop", "u", None, {}, None, 0.0, "m2"),
+        new_event("identify", None, "u", None, None, {"email": "a@b.c"}, 0.0, "m3"),
+    ]
+    prep = codec.prepare(events)
+    assert [ev.event or ev.type for ev in prep.events] == ["Keep", "identify"]
+    assert [ev.event for ev in prep.filtered] == ["Drop"]
+    assert prep.rejected == []
+    keep, ident = batch_of(prep)
+    assert keep["properties"] == {"app": "web", "when": "2026-01-02", "hooked": True}
+    assert "properties" not in ident and ident["traits"] == {"email": "a@b.c"}
+    assert seen[0] == {
+        "type": "track",
+        "messageId": "m1",
+        "timestamp": "1970-01-01T00:00:00.000Z",
+        "event": "Keep",
+        "userId": "u",
+        "properties": {"app": "web", "email": "a@b.c", "when": date(2026, 1, 2)},
+        "context": {"library": LIB},
+    }
+    assert events[0].properties == {"email": "a@b.c", "when": date(2026, 1, 2)}  # the hook got copies
+
+
+@pytest.mark.parametrize(
+    "result, reason, words",
+    [
+        (RuntimeError("boom"), "before_send_error", "before_send raised RuntimeError: boom"),
+        (asyncio.CancelledError(), "before_send_error", "before_send raised CancelledError"),
+        ("not a dict", "before_send_error", "returned str"),
+        ({"type": "track", "event": "E", "userId": 5}, "before_send_error", "userId must be a non-empty string"),
+        ({"type": "page", "event": "E", "userId": "u"}, "before_send_error", "event type must be one of"),
+        ({"type": "track", "event": "E"}, "before_send_error", "needs userId or groupId"),
+        ({"type": "identify", "groupId": "g"}, "before_send_error", "needs userId"),
+        ({"type": "track", "event": "E", "userId": "u", "properties": {"x": float("nan")}}, "unencodable", "JSON"),
+        ({"type": "track", "event": "E", "userId": "u", "properties": {"x": "y" * 300_000}}, "oversize", "204800"),
+    ],
+)
+def test_before_send_failures_reject_that_event_only(result: Any, reason: str, words: str) -> None:
+    def hook(wire: Dict[str, Any]) -> Any:
+        if wire.get("event") != "Target":
+            return wire
+        if isinstance(result, BaseException):
+            raise result
+        if isinstance(result, dict):
+            return {"messageId": wire["messageId"], "timestamp": wire["timestamp"], **result}
+        return result
+
+    events = [
+        new_event("track", "Before", "u", None, {}, None, 0.0, "m0"),
+        new_event("track", "Target", "u", None, {}, None, 0.0, "m1"),
+        new_event("track", "After", "u", None, {}, None, 0.0, "m2"),
+    ]
+    out: List[Prepared] = []
+    t = threading.Thread(target=lambda: out.append(Codec(before_send=hook).prepare(events)))
+    t.start()
+    t.join()
+    (prep,) = out
+    assert [e["event"] for e in batch_of(prep)] == ["Before", "After"]
+    assert [(r.reason, [ev.event for ev in r.events]) for r in prep.rejected] == [(reason, ["Target"])]
+    assert words in prep.rejected[0].message
+    assert prep.filtered == []
+
+
+def test_before_send_output_keeps_none_fields_out() -> None:
+    def hook(wire: Dict[str, Any]) -> Dict[str, Any]:
+        return {**wire, "groupId": None}
+
+    ev = new_event("track", "E", "u", "g", {}, None, 0.0, "m")
+    (wire,) = batch_of(Codec(before_send=hook).prepare([ev]))
+    assert "groupId" not in wire and wire["userId"] == "u"
+
+
+def test_codec_rejects_bad_options() -> None:
+    with pytest.raises(TypeError, match="before_send must be a callable"):
+        Codec(before_send="nope")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="json_default must be a callable"):
+        Codec(json_default=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="default_properties keys must be strings"):
+        Codec(default_properties={1: "x"})  # type: ignore[dict-item]
+
+
+def test_rest_holds_what_does_not_fit_in_max_body() -> None:
+    events = [new_event("track", "E", "u", None, {"pad": "x" * 1000}, None, 0.0, f"m{i}") for i in range(5)]
+    prep = Codec().prepare(events, max_body=2500)
+    assert [ev.messageId for ev in prep.events] == ["m0", "m1"]
+    assert [ev.messageId for ev in prep.rest] == ["m2", "m3", "m4"]
+    assert len(prep.body) <= 2500

@@ -1,9 +1,10 @@
 """The queued event, and everything about turning events into wire bytes.
 
 The caller's thread only builds an :class:`Event` from already-validated
-arguments. Message ids, timestamp strings and JSON are produced later, on the
-flusher thread (or the caller of a ``*_sync`` method), because they are only
-needed on the wire.
+arguments (:func:`new_event`). Message ids, timestamp strings and JSON are
+produced later by a :class:`Codec`, on a sender thread (or the caller of a
+``*_sync`` method), because they are only needed on the wire
+(docs/design.md, Values).
 """
 
 from __future__ import annotations
@@ -11,16 +12,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import date, datetime, timedelta, timezone
+from datetime import time as dt_time
 from decimal import Decimal
 from enum import Enum
 from json.encoder import encode_basestring as _quote
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from uuid import UUID
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from .types import Reason
 
 LIBRARY_NAME = "python-sdk"
 MAX_EVENT_BYTES = 200 * 1024
@@ -28,24 +35,186 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 
 _BODY_HEAD = b'{"batch":['
 _BODY_TAIL = b"]}"
-# Shared by every event's wire dict; never handed to user code (see to_dict).
-_CONTEXT: Dict[str, Any] = {"library": {"name": LIBRARY_NAME, "version": __version__}}
+_LIBRARY: Dict[str, str] = {"name": LIBRARY_NAME, "version": __version__}
+_TYPES = ("track", "identify", "group")
+
+
+# --- the official value types (issue 12; docs/design.md, Drop-in) -----------
+
+
+class EventType(str, Enum):
+    """The three kinds of event; each member equals its wire string."""
+
+    TRACK = "track"
+    IDENTIFY = "identify"
+    GROUP = "group"
+
+
+@dataclass
+class LibraryInfo:
+    """The library that produced an event (``context.library`` on the wire)."""
+
+    name: str
+    version: str
+
+
+@dataclass
+class EventContext:
+    """An event's context, as the official SDK models it."""
+
+    library: Optional[LibraryInfo] = None
+
+
+for _cls in (EventType, LibraryInfo, EventContext):
+    _cls.__module__ = "klime.types"  # where users import them from (and pickle finds them)
+
+
+# --- Event -------------------------------------------------------------------
 
 
 class Event:
-    """One queued analytics call, as it will be sent.
+    """One analytics call, as it is (or would be) sent.
 
     Attributes use the wire names: ``type``, ``event``, ``userId``,
     ``groupId``, ``properties``, ``traits``, ``messageId``, ``timestamp`` and
-    ``context``. ``messageId`` and ``timestamp`` are produced lazily (off the
-    caller's thread) unless given explicitly; once read they never change, so
-    a retried event keeps its id. :meth:`to_dict` gives the exact JSON object
-    that is (or would be) sent.
+    ``context``. :meth:`to_dict` gives the event's JSON object.
+
+    ``Event(type=..., messageId=..., timestamp=..., event=..., userId=...,
+    groupId=..., properties=..., traits=..., context=EventContext(...))``
+    builds one the way the official SDK's ``klime.types.Event`` does (for
+    tests and code written against it); ``to_dict()`` then gives the same
+    output as there: ``None`` fields left out, ``context.library`` as a dict.
+
+    Events the client queues are made by :func:`new_event`: their
+    ``messageId`` and ``timestamp`` are produced lazily, off the caller's
+    thread, unless given explicitly; once read they never change, so a
+    retried event keeps its id. Their ``context`` is the wire context
+    (``{"library": {...}}`` plus the call's own ``context=``), and their
+    ``to_dict()`` is the wire form itself, values encoded.
     """
 
     __slots__ = (
-        "type", "event", "userId", "groupId", "properties", "traits", "_time", "_id", "_ts", "_seq",
+        "type", "event", "userId", "groupId", "properties", "traits", "_id", "_ts", "_seq", "_ctx",
     )
+
+    type: str
+    event: Optional[str]
+    userId: Optional[str]  # noqa: N815 - wire name, kept for drop-in compatibility
+    groupId: Optional[str]  # noqa: N815
+    properties: Optional[Dict[str, Any]]
+    traits: Optional[Dict[str, Any]]
+    _id: Optional[str]
+    # The wire timestamp, or until it is first needed the time.time() of the
+    # call (one slot for both keeps the caller's part one store shorter).
+    _ts: Union[str, float]
+    _seq: int
+    _ctx: Any
+
+    def __init__(
+        self,
+        type: Union[EventType, str],
+        messageId: Optional[str] = None,  # noqa: N803 - the official keyword names
+        timestamp: Optional[str] = None,
+        event: Optional[str] = None,
+        userId: Optional[str] = None,  # noqa: N803
+        groupId: Optional[str] = None,  # noqa: N803
+        properties: Optional[Dict[str, Any]] = None,
+        traits: Optional[Dict[str, Any]] = None,
+        context: Any = None,
+    ) -> None:
+        if isinstance(properties, float) and isinstance(type, str):
+            # Transitional: today's client.py still calls Event(type, event, user_id,
+            # group_id, properties, traits, time_) positionally; new code calls new_event().
+            _Queued.__init__(self, type, messageId, timestamp, event, userId, groupId, properties)
+            self.__class__ = _Queued
+            return
+        self.type = type
+        self.event = event
+        self.userId = userId
+        self.groupId = groupId
+        self.properties = properties
+        self.traits = traits
+        self._id = messageId
+        self._ts = time.time() if timestamp is None else timestamp
+        self._seq = -1
+        self._ctx = context
+
+    @property
+    def messageId(self) -> str:  # noqa: N802 - wire name
+        """The event's UUID v4 (or the ``message_id=`` given by the caller)."""
+        if self._id is None:
+            self._id = new_message_ids(1)[0]
+        return self._id
+
+    @messageId.setter
+    def messageId(self, value: str) -> None:  # noqa: N802
+        self._id = value
+
+    @property
+    def timestamp(self) -> str:
+        """When the call was made: UTC, ISO 8601 with milliseconds and ``Z``."""
+        ts = self._ts
+        if type(ts) is float:
+            ts = self._ts = format_epoch(ts)
+        return ts  # type: ignore[return-value]
+
+    @timestamp.setter
+    def timestamp(self, value: str) -> None:
+        self._ts = value
+
+    @property
+    def context(self) -> Any:
+        """The ``context`` given to the constructor (an :class:`EventContext` or ``None``)."""
+        return self._ctx
+
+    @context.setter
+    def context(self, value: Any) -> None:
+        self._ctx = value
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The event as the official SDK's ``to_dict()`` gives it (values as given)."""
+        t = self.type
+        result: Dict[str, Any] = {
+            "type": t.value if isinstance(t, Enum) else t,
+            "messageId": self.messageId,
+            "timestamp": self.timestamp,
+        }
+        if self.event is not None:
+            result["event"] = self.event
+        if self.userId is not None:
+            result["userId"] = self.userId
+        if self.groupId is not None:
+            result["groupId"] = self.groupId
+        if self.properties is not None:
+            result["properties"] = self.properties
+        if self.traits is not None:
+            result["traits"] = self.traits
+        ctx = self._ctx
+        if isinstance(ctx, Mapping):
+            if ctx:
+                result["context"] = dict(ctx)
+        elif ctx is not None:
+            lib = getattr(ctx, "library", None)
+            if lib is not None:
+                result["context"] = {"library": {"name": lib.name, "version": lib.version}}
+        return result
+
+    def __repr__(self) -> str:
+        t = self.type
+        kind = t.value if isinstance(t, Enum) else t
+        return (
+            f"klime.Event(type={kind!r}, event={self.event!r}, userId={self.userId!r}, "
+            f"groupId={self.groupId!r}, messageId={self._id!r})"
+        )
+
+
+Event.__module__ = "klime"  # klime.Event is klime.types.Event; reprs and pickles name it so
+
+
+class _Queued(Event):
+    """An event built by the client: the fast constructor and the wire view."""
+
+    __slots__ = ()
 
     def __init__(
         self,
@@ -58,6 +227,7 @@ class Event:
         time_: float,
         message_id: Optional[str] = None,
         timestamp: Optional[str] = None,
+        context: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.type = type
         self.event = event
@@ -65,43 +235,72 @@ class Event:
         self.groupId = group_id
         self.properties = properties
         self.traits = traits
-        self._time = time_
         self._id = message_id
-        self._ts = timestamp
+        self._ts = time_ if timestamp is None else timestamp
         self._seq = -1  # position in the client's queue order, set when queued
+        self._ctx = context  # the call's own context= mapping (already copied)
 
     @property
-    def messageId(self) -> str:  # noqa: N802 - wire name, kept for drop-in compatibility
-        """The event's UUID v4 (or the ``message_id=`` given by the caller)."""
-        if self._id is None:
-            self._id = new_message_ids(1)[0]
-        return self._id
+    def context(self) -> Any:
+        """The wire context: ``library`` plus the call's own ``context=`` (a fresh dict)."""
+        return _merge_context(None, self._ctx)
 
-    @property
-    def timestamp(self) -> str:
-        """When the call was made: UTC, ISO 8601 with milliseconds and ``Z``."""
-        if self._ts is None:
-            self._ts = format_epoch(self._time)
-        return self._ts
-
-    @property
-    def context(self) -> Dict[str, Any]:
-        """The library context sent with every event."""
-        return {"library": dict(_CONTEXT["library"])}
+    @context.setter
+    def context(self, value: Any) -> None:
+        self._ctx = value
 
     def to_dict(self) -> Dict[str, Any]:
         """The event's wire form: a fresh JSON-compatible dict.
 
-        Raises ``ValueError``/``TypeError`` if a property or trait value
-        cannot be encoded (such an event is never sent).
+        Client-level ``default_properties``/``default_context`` and
+        ``before_send`` apply when the event is sent; they are not part of
+        this view. Raises ``ValueError``/``TypeError`` if a value cannot be
+        encoded (such an event is never sent).
         """
-        assign_message_ids([self])
-        result: Dict[str, Any] = json.loads(event_json(self))
+        result: Dict[str, Any] = json.loads(_DEFAULT_CODEC.encode_event(self))
         return result
 
-    def __repr__(self) -> str:
-        name = f" {self.event!r}" if self.event is not None else ""
-        return f"<Event {self.type}{name} userId={self.userId!r} groupId={self.groupId!r} messageId={self._id!r}>"
+
+def new_event(
+    type: str,
+    event: Optional[str],
+    user_id: Optional[str],
+    group_id: Optional[str],
+    properties: Optional[Dict[str, Any]],
+    traits: Optional[Dict[str, Any]],
+    time_: float,
+    message_id: Optional[str] = None,
+    timestamp: Optional[str] = None,
+    context: Optional[Dict[str, Any]] = None,
+) -> Event:
+    """The client's event factory: arguments already validated and copied.
+
+    (Documentation only: ``new_event`` is rebound to the class itself below,
+    which saves a call frame on the caller's thread.)
+    """
+    return _Queued(type, event, user_id, group_id, properties, traits, time_, message_id, timestamp, context)
+
+
+new_event = _Queued  # noqa: F811 - same signature, one frame less
+
+
+def _merge_context(defaults: Optional[Mapping[str, Any]], own: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``{"library": ..., **defaults, **own}``; ``library`` is always ours (docs/design.md, Values)."""
+    ctx: Dict[str, Any] = {"library": dict(_LIBRARY)}
+    if defaults:
+        ctx.update(defaults)
+    if own:
+        ctx.update(own)
+    ctx["library"] = dict(_LIBRARY)
+    return ctx
+
+
+# --- strings ---------------------------------------------------------------------
+
+
+def is_text(value: Any) -> bool:
+    """A non-empty ``str``, subclasses such as ``StrEnum`` members included."""
+    return isinstance(value, str) and len(value) > 0
 
 
 # --- message ids -----------------------------------------------------------
@@ -150,7 +349,11 @@ def format_epoch(t: float) -> str:
     ms = us // 1000
     cached_sec, prefix = _second_cache
     if cached_sec != sec:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        g = time.gmtime(sec)
+        # Not strftime("%Y"): it drops leading zeros before year 1000 on glibc.
+        prefix = (
+            f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}T{g.tm_hour:02d}:{g.tm_min:02d}:{g.tm_sec:02d}."
+        )
         _second_cache = (sec, prefix)
     return f"{prefix}{ms:03d}Z"
 
@@ -195,8 +398,9 @@ def _parse_iso8601(value: str) -> datetime:
 def coerce_timestamp(value: Any) -> str:
     """A caller's ``timestamp=`` (datetime or ISO 8601 string) -> wire string.
 
-    Naive datetimes are taken as UTC. Raises ``TypeError``/``ValueError``
-    with a message that says what is accepted.
+    Naive datetimes are taken as UTC; every year has four digits
+    (``0999-...``). Raises ``TypeError``/``ValueError`` with a message that
+    says what is accepted.
     """
     if isinstance(value, datetime):
         dt = value
@@ -208,86 +412,199 @@ def coerce_timestamp(value: Any) -> str:
         )
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    dt = dt.astimezone(timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    try:
+        dt = dt.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise ValueError(f"timestamp {value!r} is outside the years 1 to 9999 in UTC") from None
+    return (
+        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}."
+        f"{dt.microsecond // 1000:03d}Z"
+    )
 
 
-# --- JSON ------------------------------------------------------------------
+# --- values (docs/design.md, Values) -------------------------------------------
+
+_UNKNOWN = object()
+# No event can hold an integer this long; refuse before int() builds it.
+_MAX_DECIMAL_DIGITS = MAX_EVENT_BYTES
 
 
-def _default(o: Any) -> Any:
-    """Encode the non-JSON types SPEC 3.5 allows; anything else is an error."""
+def _duration(td: timedelta) -> str:
+    """An ISO 8601 duration: ``PT1H30M``, ``P2DT0.5S``, ``PT0S``.
+
+    A day is 24 hours (a ``timedelta`` has no calendar). A negative
+    duration gets a leading minus, as XML Schema's ``xs:duration`` writes
+    it: ``-PT1H30M``.
+    """
+    total = (td.days * 86400 + td.seconds) * 1_000_000 + td.microseconds
+    sign = "-" if total < 0 else ""
+    days, rest = divmod(abs(total), 86_400_000_000)
+    hours, rest = divmod(rest, 3_600_000_000)
+    minutes, rest = divmod(rest, 60_000_000)
+    seconds, micros = divmod(rest, 1_000_000)
+    clock = (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "")
+    if micros:
+        clock += f"{seconds}.{micros:06d}".rstrip("0") + "S"
+    elif seconds:
+        clock += f"{seconds}S"
+    text = "P" + (f"{days}D" if days else "") + (f"T{clock}" if clock else "")
+    return sign + (text if text != "P" else "PT0S")
+
+
+def _decimal(o: Decimal) -> Union[int, float]:
+    if not o.is_finite():
+        raise ValueError(f"Decimal {o} is not a finite number and cannot be sent as JSON")
+    if o == o.to_integral_value():
+        if o.adjusted() >= _MAX_DECIMAL_DIGITS:
+            raise ValueError(f"Decimal with {o.adjusted() + 1} digits is too large to send")
+        return int(o)  # exact, whatever its size
+    return float(o)
+
+
+def _convert(o: Any) -> Any:
+    """A JSON-encodable stand-in for ``o``, or ``_UNKNOWN``.
+
+    Runs on the sending side, only for values the JSON encoder does not
+    know. The encoder recurses into what this returns.
+    """
     if isinstance(o, datetime):
         if o.tzinfo is None:
-            return o.isoformat() + "Z"
+            return o.isoformat() + "Z"  # naive means UTC; isoformat writes 4-digit years
         return o.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     if isinstance(o, date):
         return o.isoformat()
     if isinstance(o, Decimal):
-        if not o.is_finite():
-            raise ValueError(f"Decimal {o} is not a finite number and cannot be sent as JSON")
-        if o == o.to_integral_value() and abs(o) < 2**53:
-            return int(o)
-        return float(o)
+        return _decimal(o)
     if isinstance(o, UUID):
         return str(o)
     if isinstance(o, Enum):
         return o.value
     if isinstance(o, (set, frozenset)):
         return list(o)
-    raise TypeError(f"value of type {type(o).__name__} is not JSON serializable: {o!r:.80}")
+    if isinstance(o, dt_time):
+        return o.isoformat()  # HH:MM:SS[.ffffff], plus the offset when aware
+    if isinstance(o, timedelta):
+        return _duration(o)
+    if is_dataclass(o) and not isinstance(o, type):
+        return {f.name: getattr(o, f.name) for f in fields(o)}
+    if isinstance(o, Mapping):
+        return dict(o)
+    for name in ("model_dump", "dict", "tolist", "item"):
+        # pydantic v2, pydantic v1, numpy arrays and scalars (never imported).
+        method = getattr(o, name, None)
+        if callable(method):
+            return method()
+    return _UNKNOWN
 
 
-# check_circular is off because it costs ~10% per event; a cycle then ends
-# in RecursionError, which marks that one event unencodable all the same.
-_encoder = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_default, check_circular=False
-)
+def _safe_repr(o: Any) -> str:
+    """``repr(o)`` cut to 80 characters, or a stand-in if the repr itself fails."""
+    try:
+        return f"{o!r:.80}"
+    except BaseException:
+        return f"<{type(o).__name__} object with a failing repr>"
 
 
-def _value_encoder() -> Callable[[Any], str]:
-    """A reusable C encoder with ``_encoder``'s settings, else ``_encoder.encode``.
+def _describe(exc: BaseException) -> str:
+    """``"TypeName: message"`` for a log line, never raising."""
+    try:
+        text = str(exc)
+    except BaseException:
+        text = ""
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _default(o: Any) -> Any:
+    """The encoder's fallback without a user ``json_default``."""
+    value = _convert(o)
+    if value is _UNKNOWN:
+        raise TypeError(f"value of type {type(o).__name__} is not JSON serializable: {_safe_repr(o)}")
+    return value
+
+
+def _chained(user: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def default(o: Any) -> Any:
+        value = _convert(o)
+        if value is _UNKNOWN:
+            return user(o)  # whatever it raises makes this one event unencodable
+        return value
+
+    return default
+
+
+_CHECK_CYCLES = sys.version_info < (3, 12)
+_DEFAULT_RECURSION_LIMIT = 1000
+
+
+def _encoder_factory(default: Callable[[Any], Any]) -> Callable[[], Callable[[Any], str]]:
+    """A maker of fast value encoders (compact, UTF-8-ready, strict, cycle-checked).
 
     ``JSONEncoder.encode`` builds a fresh C encoder on every call, about a
-    third of the cost of encoding a small properties dict. This builds one,
-    with the arguments ``JSONEncoder.iterencode`` passes, and only keeps it
-    if it encodes a sample exactly as ``_encoder`` does; on an interpreter
-    without the accelerator or with a different signature the plain method
-    is used.
+    third of the cost of encoding a small properties dict. The C encoder is
+    made once per batch instead (docs/design.md, Values).
+
+    A circular value must fail as this event's error whatever the recursion
+    limit. Before Python 3.12 the C encoder recurses on the C stack up to
+    the recursion limit: at the default limit (1000) a cycle ends in
+    ``RecursionError``, but a raised limit (``sys.setrecursionlimit(100000)``)
+    lets it overflow the stack and crash the process. So there, when the
+    limit is above the default, the encoder's cycle check is turned on (a
+    dict of the containers being encoded; a cycle fails at once with
+    ``ValueError``). It costs about 8% of encoding a typical event
+    (measured: 2.17 -> 2.35 us for five properties with a list), which is
+    why it is not always on; from 3.12 the interpreter bounds C recursion by
+    itself. The check's dict must not be shared between threads and an
+    error can leave entries behind, so each batch, and each batch after a
+    failed event, gets a fresh encoder. On an interpreter without the
+    accelerator the plain method is used.
     """
+    plain = json.JSONEncoder(
+        ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default, check_circular=True
+    )
     try:
         from json.encoder import c_make_encoder  # type: ignore[attr-defined]
 
-        make = c_make_encoder(None, _default, _quote, None, ":", ",", False, False, False)
+        def make() -> Callable[[Any], str]:
+            check = _CHECK_CYCLES and sys.getrecursionlimit() > _DEFAULT_RECURSION_LIMIT
+            markers: Optional[Dict[int, Any]] = {} if check else None
+            enc = c_make_encoder(markers, default, _quote, None, ":", ",", False, False, False)
 
-        def encode_value(obj: Any) -> str:
-            return "".join(make(obj, 0))
+            def encode_value(obj: Any) -> str:
+                return "".join(enc(obj, 0))
+
+            return encode_value
 
         sample = {"s": "é\n\"", "n": [1, 2.5, None, True], "d": Decimal("1.5"), "t": (1,)}
-        if encode_value(sample) == _encoder.encode(sample):
+        if make()(sample) == plain.encode(sample):
             try:
-                encode_value({"x": float("nan")})
+                make()({"x": float("nan")})
             except ValueError:
-                return encode_value
+                return make
     except Exception:  # pragma: no cover - depends on the interpreter
         pass
-    return _encoder.encode  # pragma: no cover
+    return lambda: plain.encode  # pragma: no cover
 
 
-_encode_value = _value_encoder()
-_CONTEXT_TAIL = ',"context":' + _encoder.encode(_CONTEXT) + "}"
+_make_encoder = _encoder_factory(_default)
+_CONTEXT_TAIL = ',"context":' + json.dumps({"library": _LIBRARY}, separators=(",", ":")) + "}"
+# The start of each event's JSON, by type; an EventType member finds its entry too.
+_HEAD = {t: f'{{"type":"{t}","messageId":' for t in _TYPES}
 
 
 def encode(obj: Any) -> bytes:
-    """Strict UTF-8 JSON (no NaN/Infinity); raises ValueError/TypeError."""
-    return _encoder.encode(obj).encode("utf-8")
+    """Strict UTF-8 JSON (no NaN/Infinity) of any value; raises ValueError/TypeError."""
+    return _make_encoder()(obj).encode("utf-8")
+
+
+# --- Codec ---------------------------------------------------------------------
 
 
 @dataclass
 class Rejected:
     """Events that can never be sent, with the reason and what to tell the user."""
 
-    reason: str
+    reason: Reason  # "unencodable", "oversize" or "before_send_error"
     message: str
     events: List[Event]
 
@@ -296,25 +613,223 @@ class Rejected:
 class Prepared:
     """The result of turning a run of events into one request body."""
 
-    events: List[Event]
-    body: bytes
+    events: List[Event]  # to send; index i in the body is events[i]
+    body: bytes  # b"" when events is empty
+    parts: List[bytes] = field(default_factory=list)  # each sent event's JSON
     rejected: List[Rejected] = field(default_factory=list)
-    rest: List[Event] = field(default_factory=list)
+    rest: List[Event] = field(default_factory=list)  # did not fit in max_body; send next
+    filtered: List[Event] = field(default_factory=list)  # dropped by before_send (not failures)
 
 
-def event_json(ev: Event) -> bytes:
-    """One event's wire JSON (its id must be assigned).
+class _HookError(Exception):
+    """before_send failed or produced something that is not a valid event."""
 
-    The fixed fields are strings checked at call time or made by us, so they
-    are quoted directly and the constant context is appended pre-encoded;
-    only properties and traits go through the encoder. That is a third
-    cheaper than encoding a dict per event, and a value that cannot be
-    encoded fails for this event alone.
+
+def _must_propagate(exc: BaseException) -> bool:
+    """Whether an exception met while encoding must reach the caller.
+
+    Everything raised by user values or hooks becomes that event's failure
+    (docs/design.md, Values). The one exception: ``KeyboardInterrupt`` and
+    ``SystemExit`` on the main thread, where they may be a real Ctrl-C or a
+    signal handler's ``sys.exit()`` during a ``*_sync`` call; swallowing
+    those would stop the process from stopping.
     """
+    return isinstance(exc, (KeyboardInterrupt, SystemExit)) and threading.current_thread() is threading.main_thread()
+
+
+class Codec:
+    """Everything done per event off the caller's thread: ids, JSON, the hooks.
+
+    One per client. ``json_default`` converts types nothing else knows
+    (tried before an event is reported unencodable); ``default_properties``
+    go under each track event's properties and ``default_context`` under
+    each event's own context (the event's keys win; ``library`` is always
+    ours); ``before_send`` sees each event's wire dict and returns the dict
+    to send, or ``None`` to drop it (docs/design.md, Values and Hooks).
+    Without any of them the fast path encodes only properties and traits.
+    """
+
+    def __init__(
+        self,
+        *,
+        json_default: Optional[Callable[[Any], Any]] = None,
+        default_properties: Optional[Mapping[str, Any]] = None,
+        default_context: Optional[Mapping[str, Any]] = None,
+        before_send: Optional[Callable[[Dict[str, Any]], Optional[Mapping[str, Any]]]] = None,
+    ) -> None:
+        for name, fn in (("json_default", json_default), ("before_send", before_send)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or None, not {type(fn).__name__}")
+        self._json_default = json_default
+        self._defaults = copy_fields(default_properties, "default_properties") or None
+        self._default_ctx = copy_fields(default_context, "default_context") or None
+        if self._default_ctx is not None:
+            self._default_ctx.pop("library", None)
+        self._before_send = before_send
+        self._make_encoder = _make_encoder if json_default is None else _encoder_factory(_chained(json_default))
+        self._plain = before_send is None and self._defaults is None and self._default_ctx is None
+
+    # --- one event -------------------------------------------------------------
+
+    def wire_dict(self, ev: Event) -> Dict[str, Any]:
+        """The event's wire object before encoding (what ``before_send`` receives).
+
+        A fresh dict, with fresh top-level copies of properties, traits and
+        context; values are as given (datetimes, Decimals, ... not yet
+        converted).
+        """
+        if type(ev) is not _Queued:
+            return ev.to_dict()
+        kind = _type_name(ev.type)
+        d: Dict[str, Any] = {"type": kind, "messageId": ev.messageId, "timestamp": ev.timestamp}
+        if ev.event is not None:
+            d["event"] = ev.event
+        if ev.userId is not None:
+            d["userId"] = ev.userId
+        if ev.groupId is not None:
+            d["groupId"] = ev.groupId
+        if ev.properties is not None:
+            d["properties"] = self._properties(kind, ev.properties)
+        if ev.traits is not None:
+            d["traits"] = dict(ev.traits)
+        d["context"] = _merge_context(self._default_ctx, ev._ctx)
+        return d
+
+    def _properties(self, kind: str, props: Dict[str, Any]) -> Dict[str, Any]:
+        if self._defaults is not None and kind == "track":
+            return {**self._defaults, **props}
+        return dict(props)
+
+    def encode_event(self, ev: Event, enc: Optional[Callable[[Any], str]] = None) -> str:
+        """One event's wire JSON text (its id is assigned here if missing)."""
+        if enc is None:
+            enc = self._make_encoder()
+        if type(ev) is not _Queued:
+            return enc(_validated(ev.to_dict()))
+        head = _HEAD.get(ev.type)
+        if head is None:
+            raise ValueError(f"event type must be one of {', '.join(_TYPES)}, not {_safe_repr(ev.type)}")
+        ts = ev._ts
+        if type(ts) is float:
+            ts = ev._ts = format_epoch(ts)
+        # The fixed fields are strings checked at call time or made by us, so
+        # they are quoted directly; only the free-form values go through the
+        # encoder, and the constant context is appended pre-encoded.
+        text = f'{head}{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
+        if ev.event is not None:
+            text = f'{text},"event":{_quote(ev.event)}'
+        if ev.userId is not None:
+            text = f'{text},"userId":{_quote(ev.userId)}'
+        if ev.groupId is not None:
+            text = f'{text},"groupId":{_quote(ev.groupId)}'
+        props = ev.properties
+        if props is not None:
+            if self._defaults is not None and head is _HEAD["track"]:
+                props = {**self._defaults, **props}
+            text = f'{text},"properties":{enc(props)}'
+        if ev.traits is not None:
+            text = f'{text},"traits":{enc(ev.traits)}'
+        if ev._ctx is None and self._default_ctx is None:
+            return text + _CONTEXT_TAIL
+        return f'{text},"context":{enc(_merge_context(self._default_ctx, ev._ctx))}}}'
+
+    def _hooked(self, ev: Event, enc: Callable[[Any], str]) -> Optional[str]:
+        """before_send's version of the event as JSON text, or None if dropped."""
+        hook = self._before_send
+        assert hook is not None
+        wire = self.wire_dict(ev)
+        try:
+            out = hook(wire)
+        except BaseException as exc:
+            if _must_propagate(exc):
+                raise
+            raise _HookError(f"before_send raised {_describe(exc)}") from None
+        if out is None:
+            return None
+        if not isinstance(out, Mapping):
+            raise _HookError(f"before_send returned {type(out).__name__}, not a dict or None")
+        try:
+            checked = _validated(out)
+        except ValueError as exc:
+            raise _HookError(f"before_send returned an invalid event: {exc}") from None
+        return enc(checked)
+
+    # --- a batch ---------------------------------------------------------------
+
+    def prepare(self, events: Sequence[Event], max_body: int = MAX_BODY_BYTES) -> Prepared:
+        """Encode ``events`` into one request body, isolating events that cannot go.
+
+        Each event is encoded on its own, so a bad or huge event is rejected
+        alone (any exception its values raise, ``BaseException`` included)
+        and the body stays under ``max_body``; events that do not fit are
+        returned in ``rest`` for the next request (``before_send`` then runs
+        on them again next time: the hook sees the original event each time).
+        """
+        assign_message_ids(events)
+        enc = self._make_encoder()
+        hook = self._before_send
+        plain = self._plain
+        good: List[Event] = []
+        parts: List[bytes] = []
+        rejected: List[Rejected] = []
+        filtered: List[Event] = []
+        rest: List[Event] = []
+        size = len(_BODY_HEAD) + len(_BODY_TAIL)
+        for i, ev in enumerate(events):
+            try:
+                if plain and type(ev) is _Queued:
+                    part = _plain_json(ev, enc)
+                elif hook is None:
+                    part = self.encode_event(ev, enc).encode("utf-8")
+                else:
+                    text = self._hooked(ev, enc)
+                    if text is None:
+                        filtered.append(ev)
+                        continue
+                    part = text.encode("utf-8")
+            except _HookError as exc:
+                rejected.append(Rejected("before_send_error", str(exc), [ev]))
+                enc = self._make_encoder()
+                continue
+            except BaseException as exc:
+                # Not only ValueError/TypeError/RecursionError/UnicodeEncodeError:
+                # a nested dict mutated by another thread raises RuntimeError, a
+                # dict subclass or a __repr__ can raise anything, CancelledError
+                # included. Escaping from here would lose the whole batch.
+                if _must_propagate(exc):
+                    raise
+                rejected.append(
+                    Rejected("unencodable", f"event cannot be encoded as JSON: {_describe(exc)}", [ev])
+                )
+                enc = self._make_encoder()  # the cycle check may hold stale entries
+                continue
+            if len(part) > MAX_EVENT_BYTES:
+                rejected.append(
+                    Rejected(
+                        "oversize",
+                        f"event is {len(part)} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit",
+                        [ev],
+                    )
+                )
+                continue
+            extra = len(part) + (1 if parts else 0)
+            if size + extra > max_body and parts:
+                rest = list(events[i:])
+                break
+            parts.append(part)
+            good.append(ev)
+            size += extra
+        body = _BODY_HEAD + b",".join(parts) + _BODY_TAIL if parts else b""
+        return Prepared(good, body, parts, rejected, rest, filtered)
+
+
+def _plain_json(ev: Event, enc: Callable[[Any], str]) -> bytes:
+    """``Codec.encode_event`` for a client-built event and a codec without
+    defaults or hook: the path nearly every event takes, kept short."""
     ts = ev._ts
-    if ts is None:
-        ts = ev._ts = format_epoch(ev._time)
-    text = f'{{"type":"{ev.type}","messageId":{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
+    if type(ts) is float:
+        ts = ev._ts = format_epoch(ts)
+    text = f'{_HEAD[ev.type]}{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
     if ev.event is not None:
         text = f'{text},"event":{_quote(ev.event)}'
     if ev.userId is not None:
@@ -322,58 +837,64 @@ def event_json(ev: Event) -> bytes:
     if ev.groupId is not None:
         text = f'{text},"groupId":{_quote(ev.groupId)}'
     if ev.properties is not None:
-        text = f'{text},"properties":{_encode_value(ev.properties)}'
+        text = f'{text},"properties":{enc(ev.properties)}'
     if ev.traits is not None:
-        text = f'{text},"traits":{_encode_value(ev.traits)}'
-    # UTF-8 here, per event: a lone surrogate in a string fails this event only.
-    return (text + _CONTEXT_TAIL).encode("utf-8")
+        text = f'{text},"traits":{enc(ev.traits)}'
+    if ev._ctx is None:
+        # UTF-8 here, per event: a lone surrogate fails this event only.
+        return (text + _CONTEXT_TAIL).encode("utf-8")
+    return f'{text},"context":{enc(_merge_context(None, ev._ctx))}}}'.encode()
+
+
+def _type_name(kind: Any) -> str:
+    for t in _TYPES:
+        if kind == t:
+            return t
+    raise ValueError(f"event type must be one of {', '.join(_TYPES)}, not {_safe_repr(kind)}")
+
+
+_NEEDS = {"track": ("event",), "identify": ("userId",), "group": ("groupId",)}
+
+
+def _validated(wire: Mapping[str, Any]) -> Dict[str, Any]:
+    """A wire dict checked like any event, ``None`` values left out.
+
+    Raises ValueError naming the first problem.
+    """
+    out = {k: v for k, v in wire.items() if v is not None}
+    kind = _type_name(out.get("type"))
+    out["type"] = kind
+    for key in ("messageId", "timestamp", "event", "userId", "groupId"):
+        if key in out and not is_text(out[key]):
+            raise ValueError(f"{key} must be a non-empty string, not {_safe_repr(out[key])}")
+    for key in ("messageId", "timestamp") + _NEEDS[kind]:
+        if key not in out:
+            raise ValueError(f"a {kind} event needs {key}")
+    if kind == "track" and "userId" not in out and "groupId" not in out:
+        raise ValueError("a track event needs userId or groupId")
+    for key in ("properties", "traits", "context"):
+        if key in out and not isinstance(out[key], Mapping):
+            raise ValueError(f"{key} must be a mapping, not {type(out[key]).__name__}")
+    return out
+
+
+def event_json(ev: Event) -> bytes:
+    """One event's wire JSON, as a client without options sends it."""
+    assign_message_ids([ev])
+    return _DEFAULT_CODEC.encode_event(ev).encode("utf-8")
 
 
 def prepare_batch(events: Sequence[Event], max_body: int = MAX_BODY_BYTES) -> Prepared:
-    """Encode ``events`` into one request body, isolating events that cannot go.
-
-    Each event is encoded on its own, so a bad or huge event is rejected
-    alone and the body stays under ``max_body``; events that do not fit are
-    returned in ``rest`` for the next request.
-    """
-    assign_message_ids(events)
-    good: List[Event] = []
-    parts: List[bytes] = []
-    rejected: List[Rejected] = []
-    size = len(_BODY_HEAD) + len(_BODY_TAIL)
-    rest: List[Event] = []
-    for i, ev in enumerate(events):
-        try:
-            part = event_json(ev)
-        except Exception as exc:
-            # Not only ValueError/TypeError/RecursionError/UnicodeEncodeError:
-            # a nested dict mutated by another thread while it is encoded
-            # raises RuntimeError, and a dict subclass can raise anything.
-            # Escaping from here would lose the whole batch; it is this event's fault.
-            rejected.append(Rejected("unencodable", f"event cannot be encoded as JSON: {exc}", [ev]))
-            continue
-        if len(part) > MAX_EVENT_BYTES:
-            rejected.append(
-                Rejected(
-                    "oversize",
-                    f"event is {len(part)} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit",
-                    [ev],
-                )
-            )
-            continue
-        extra = len(part) + (1 if parts else 0)
-        if size + extra > max_body and parts:
-            rest = list(events[i:])
-            break
-        parts.append(part)
-        good.append(ev)
-        size += extra
-    body = _BODY_HEAD + b",".join(parts) + _BODY_TAIL if parts else b""
-    return Prepared(good, body, rejected, rest)
+    """``Codec().prepare``: for callers that use no codec options."""
+    return _DEFAULT_CODEC.prepare(events, max_body)
 
 
 def copy_fields(value: Optional[Mapping[str, Any]], what: str) -> Dict[str, Any]:
-    """Validate properties/traits and copy their top level (SPEC 3.5, 3.7)."""
+    """Validate properties/traits/context and copy their top level (docs/design.md, Values).
+
+    Keys must be strings (``str`` subclasses such as ``StrEnum`` members
+    included). Nested values are not copied.
+    """
     if value is None:
         return {}
     if type(value) is not dict and not isinstance(value, Mapping):
@@ -381,40 +902,10 @@ def copy_fields(value: Optional[Mapping[str, Any]], what: str) -> Dict[str, Any]
     copy = dict(value)
     for key in copy:
         if type(key) is not str and not isinstance(key, str):
-            raise TypeError(f"{what} keys must be strings; got key {key!r} of type {type(key).__name__}")
+            raise TypeError(
+                f"{what} keys must be strings; got key {_safe_repr(key)} of type {type(key).__name__}"
+            )
     return copy
 
 
-# --- TEMPORARY shim until the "values" branch lands -------------------------------------
-def new_event(
-    type: str,
-    event: Optional[str],
-    user_id: Optional[str],
-    group_id: Optional[str],
-    properties: Optional[Dict[str, Any]],
-    traits: Optional[Dict[str, Any]],
-    time_: float,
-    message_id: Optional[str] = None,
-    timestamp: Optional[str] = None,
-    context: Optional[Dict[str, Any]] = None,
-) -> Event:
-    return Event(type, event, user_id, group_id, properties, traits, time_, message_id, timestamp)
-
-
-@dataclass
-class Prepared2:
-    events: List[Event]
-    body: bytes
-    parts: List[bytes] = field(default_factory=list)
-    rejected: List[Rejected] = field(default_factory=list)
-    rest: List[Event] = field(default_factory=list)
-    filtered: List[Event] = field(default_factory=list)
-
-
-class Codec:
-    def __init__(self, **kw: Any) -> None:
-        pass
-
-    def prepare(self, events: Sequence[Event], max_body: int = MAX_BODY_BYTES) -> Prepared2:
-        p = prepare_batch(events, max_body)
-        return Prepared2(p.events, p.body, [], p.rejected, p.rest, [])
+_DEFAULT_CODEC = Codec()
