@@ -473,7 +473,7 @@ def test_certificate_for_another_name_is_refused(
 ) -> None:
     server = closing(WireServer())
     front = closing(TlsFront(server, OTHER_NAME_CERT, tmp_path))
-    with pytest.raises(ssl.SSLCertVerificationError, match="(?i)mismatch"):
+    with pytest.raises(ssl.SSLCertVerificationError, match=r"(?i)mismatch"):
         closing(transport(front.url)).post(BODY, never())
     assert server.requests == []
 
