@@ -24,7 +24,6 @@ import contextlib
 # Host names are encoded with the idna codec on the first connect; importing
 # it with klime keeps that one-off ~10 ms of CPU off the first send.
 import encodings.idna  # noqa: F401
-import errno
 import json
 import logging
 import platform
@@ -226,7 +225,7 @@ def _proxy_for(scheme: str, netloc: str) -> Optional[_Proxy]:
 
 
 def _timed_out(limit: float) -> TimeoutError:
-    return TimeoutError(errno.ETIMEDOUT, f"no complete answer within {limit:.3g} s")
+    return TimeoutError(f"request not completed within {limit:.3g} s")
 
 
 class _Conn:
@@ -847,8 +846,9 @@ class Sender:
         self.policy = policy
         self.logger = logger
         self._secret = secret
-        self._pause_until = 0.0  # monotonic
-        self._pause_lock = threading.Lock()
+        # Monotonic instant; written without a lock (a forked child must never
+        # find one held). Two lanes racing may keep the shorter of two pauses.
+        self._pause_until = 0.0
 
     def __repr__(self) -> str:
         return f"<Sender {self.policy}>"
@@ -859,9 +859,8 @@ class Sender:
 
     def _pause(self, seconds: float) -> None:
         until = monotonic() + seconds
-        with self._pause_lock:
-            if until > self._pause_until:
-                self._pause_until = until
+        if until > self._pause_until:
+            self._pause_until = until
 
     def _scrub(self, text: str) -> str:
         if self._secret and self._secret in text:
@@ -886,7 +885,10 @@ class Sender:
 
         Each wait (between attempts, and for the shared pause) lasts at most
         until ``deadline`` and ends early when ``interrupt`` is set; delivery
-        then stops with the last failure. Raises only :class:`SendError`.
+        then stops with the last failure. ``interrupt`` cuts waits only: an
+        attempt not preceded by a wait is still made. ``on_failed_attempt(cause,
+        will_retry)`` is called after every failed attempt. Raises only
+        :class:`SendError`, with no exception chained to it.
         """
         n = len(events)
         status: Optional[int] = None
