@@ -541,3 +541,26 @@ def test_failing_tls_send_keeps_the_key_out_of_frame_locals(
     with pytest.raises(OSError) as info:
         t.post(big, never())
     assert KEY not in formatted_with_locals(info.value)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_an_absurdly_large_answer_is_not_kept_in_memory(framing: str, closing: Callable[[Any], Any]) -> None:
+    import http.client
+
+    big = b"x" * (5 * 1024 * 1024)
+    if framing == "length":
+        answer = Wire(response_bytes(200, big), close=True)
+    elif framing == "chunked":
+        body = b"".join(
+            b"%x\r\n" % len(big[i : i + 65536]) + big[i : i + 65536] + b"\r\n" for i in range(0, len(big), 65536)
+        )
+        answer = Wire(
+            response_bytes(200, body + b"0\r\n\r\n", {"Transfer-Encoding": "chunked"}, length=False), close=True
+        )
+    else:
+        answer = Wire(response_bytes(200, big, length=False), close=True)
+    server = closing(WireServer(scripted(answer)))
+    t = closing(transport(server.url))
+    with pytest.raises(http.client.HTTPException, match="too large"):
+        t.post(BODY, never())
+    assert t.post(BODY, never()).status == 200

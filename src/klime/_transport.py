@@ -39,7 +39,7 @@ from datetime import timezone
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException, IncompleteRead, RemoteDisconnected
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
 from urllib.parse import unquote, urlsplit
 
 from ._deadline import Deadline, monotonic
@@ -59,6 +59,9 @@ SPARE_IDLE = 5.0
 # Limits on what a server may send before the body; beyond them the answer is garbage.
 MAX_HEAD_BYTES = 65536
 MAX_HEADERS = 200
+# An ingestion API answers in a few hundred bytes; a body past this is not
+# kept in memory (the attempt fails and the connection is dropped).
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 _RECV = 65536
 
 # The function urllib.request.urlopen is at import; anything else there at send
@@ -316,6 +319,8 @@ class _Conn:
         return int(code), reason, headers, version == "HTTP/1.1"
 
     def read_exact(self, n: int, end: float, limit: float) -> bytes:
+        if n > MAX_RESPONSE_BYTES:
+            raise HTTPException(f"response body of {n} bytes is too large")
         buf = self.buf
         if len(buf) >= n:
             self.buf = buf[n:]
@@ -347,6 +352,7 @@ class _Conn:
 
     def read_chunked(self, end: float, limit: float) -> bytes:
         parts: List[bytes] = []
+        total = 0
         while True:
             line = self.read_line(end, limit)
             size_text = line.split(b";", 1)[0].strip()
@@ -362,17 +368,24 @@ class _Conn:
                     pass
                 return b"".join(parts)
             parts.append(self.read_exact(size, end, limit))
+            total += size
+            if total > MAX_RESPONSE_BYTES:
+                raise HTTPException("chunked response body is too large")
             if self.read_exact(2, end, limit).strip():
                 raise HTTPException("a chunk does not end with CRLF")
 
     def read_to_close(self, end: float, limit: float) -> bytes:
         parts = [self.buf]
+        total = len(self.buf)
         self.buf = b""
         while True:
             data = self.recv(end, limit)
             if not data:
                 return b"".join(parts)
             parts.append(data)
+            total += len(data)
+            if total > MAX_RESPONSE_BYTES:
+                raise HTTPException("close-delimited response body is too large")
 
 
 # Failures on a reused connection before any answer: most often the server
@@ -697,6 +710,12 @@ class UrllibTransport:
 
     def after_fork(self) -> None:
         pass
+
+
+if TYPE_CHECKING:  # both implementations satisfy the Protocol (checked by mypy)
+
+    def _conforms(http: HttpTransport, via_urllib: UrllibTransport) -> Tuple[Transport, Transport]:
+        return http, via_urllib
 
 
 # --- the retry policy -------------------------------------------------------------
