@@ -299,3 +299,356 @@ def drop_connections(server: RawServer) -> int:
         with contextlib.suppress(OSError):
             c.shutdown(socket.SHUT_RDWR)
     return len(conns)
+
+
+# --- appended for the transport tests: raw wire replies, proxies, TLS ---------------
+
+import ssl  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+
+@dataclass
+class Wire:
+    """A WireServer reply written byte for byte: ``data`` as is, then keep or close the connection.
+
+    ``drip`` > 0 sends it one byte at a time with that pause between bytes
+    (a server stretching its answer); ``close`` closes the connection after it.
+    """
+
+    data: bytes
+    close: bool = False
+    drip: float = 0.0
+
+
+def response_bytes(status: int, body: bytes, headers: Optional[Dict[str, str]] = None, length: bool = True) -> bytes:
+    """An HTTP/1.1 answer; ``length=False`` leaves out Content-Length."""
+    head = f"HTTP/1.1 {status} X\r\n"
+    if length:
+        head += f"Content-Length: {len(body)}\r\n"
+    for k, v in (headers or {}).items():
+        head += f"{k}: {v}\r\n"
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+def ok_bytes(req: RawRequest) -> bytes:
+    """The default 200 answer's body for ``req``."""
+    reply = default_behaviour(req)
+    assert not isinstance(reply, str)
+    return reply[1]
+
+
+class WireServer(RawServer):
+    """A RawServer whose behaviour may also answer with :class:`Wire` (any bytes at all).
+
+    Counts ``client_closed``: connections the client closed (the server read
+    end-of-file while waiting for the next request).
+    """
+
+    def __init__(self, behaviour: Callable[[RawRequest], Union[Reply, Wire]] = default_behaviour) -> None:
+        self.client_closed = 0
+        super().__init__(behaviour)  # type: ignore[arg-type]
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        f = conn.makefile("rb")
+        try:
+            while not self._stop.is_set():
+                line = f.readline()
+                if not line:
+                    with self._lock:
+                        self.client_closed += 1
+                        self._lock.notify_all()
+                    return
+                method, path, _ = line.decode("latin-1").split(" ", 2)
+                headers: Dict[str, str] = {}
+                while True:
+                    h = f.readline().decode("latin-1")
+                    if h in ("\r\n", "\n", ""):
+                        break
+                    k, _, v = h.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                body = f.read(int(headers.get("content-length", "0")))
+                req = RawRequest(method, path, headers, body, index)
+                with self._lock:
+                    self.requests.append(req)
+                    self._lock.notify_all()
+                reply: Any = self.behaviour(req)
+                if isinstance(reply, Wire):
+                    if reply.drip > 0:
+                        for i in range(len(reply.data)):
+                            if self._stop.wait(reply.drip):
+                                return
+                            conn.sendall(reply.data[i : i + 1])
+                    else:
+                        conn.sendall(reply.data)
+                    if reply.close:
+                        return
+                    continue
+                if reply == "hang":
+                    self._stop.wait()
+                    return
+                if reply == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    return
+                if reply == "close":
+                    return
+                assert not isinstance(reply, str), reply
+                extra = reply[2] if len(reply) > 2 else {}
+                conn.sendall(response_bytes(reply[0], reply[1], {"Content-Type": "application/json", **extra}))
+        except OSError:
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
+                conn.close()
+
+    def wait_for_closed(self, n: int, timeout: float = 5.0) -> int:
+        """Block until the client closed at least ``n`` connections (or the timeout)."""
+        wait_until(lambda: self.client_closed >= n, timeout)
+        return self.client_closed
+
+
+def read_message(f: Any) -> Optional[Tuple[str, List[Tuple[str, str]], bytes]]:
+    """One HTTP/1.1 message with a Content-Length body (or none): (start line, headers, body)."""
+    start = f.readline()
+    if not start:
+        return None
+    headers: List[Tuple[str, str]] = []
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.append((name.strip(), value.strip()))
+    length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+    return start.decode("latin-1").rstrip("\r\n"), headers, f.read(length) if length else b""
+
+
+def write_message(sock: socket.socket, start: str, headers: List[Tuple[str, str]], body: bytes) -> None:
+    head = start + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    sock.sendall(head.encode("latin-1") + body)
+
+
+def kill(sock: socket.socket) -> None:
+    # shutdown() first: close() alone waits for makefile() readers to let go.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        kill(src)
+        kill(dst)
+
+
+class LoopbackServer:
+    """A listening socket on 127.0.0.1 with one thread per accepted connection."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self._open: List[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            conn.settimeout(10)
+            self.keep(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def keep(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.append(sock)
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Close every open connection from this side (an idle timeout, a restart)."""
+        with self._lock:
+            conns, self._open = self._open, []
+        for c in conns:
+            kill(c)
+
+    def close(self) -> None:
+        kill(self._sock)
+        self.drop()
+
+
+class ForwardProxy(LoopbackServer):
+    """An HTTP proxy: forwards absolute-URI requests, tunnels CONNECT (or refuses it with 502).
+
+    ``seen`` records each request line with its headers (names lower-cased)
+    exactly as the client sent them to the proxy.
+    """
+
+    def __init__(self, tunnel: bool = True) -> None:
+        self.tunnel = tunnel
+        self.seen: List[Tuple[str, Dict[str, str]]] = []
+        super().__init__()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def serve(self, conn: socket.socket) -> None:
+        upstream: Optional[socket.socket] = None
+        try:
+            f = conn.makefile("rb")
+            while True:
+                msg = read_message(f)
+                if msg is None:
+                    return
+                line, headers, body = msg
+                self.seen.append((line, {k.lower(): v for k, v in headers}))
+                method, target, _ = line.split(" ", 2)
+                if method == "CONNECT":
+                    self._connect(conn, target)
+                    return
+                url = urlsplit(target)
+                if upstream is None:
+                    upstream = socket.create_connection((url.hostname, url.port or 80), timeout=10)
+                    self.keep(upstream)
+                    upstream_file = upstream.makefile("rb")
+                forwarded = [(k, v) for k, v in headers if not k.lower().startswith("proxy-")]
+                write_message(upstream, f"{method} {url.path} HTTP/1.1", forwarded, body)
+                reply = read_message(upstream_file)
+                if reply is None:
+                    return
+                write_message(conn, *reply)
+        except OSError:
+            return
+        finally:
+            kill(conn)
+            if upstream is not None:
+                kill(upstream)
+
+    def _connect(self, conn: socket.socket, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        try:
+            if not self.tunnel:
+                raise OSError("tunnelling disabled")
+            upstream = socket.create_connection((host, int(port)), timeout=10)
+        except OSError:
+            conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return
+        self.keep(upstream)
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        pipe(conn, upstream)
+
+
+class TlsFront(LoopbackServer):
+    """TLS termination in front of a RawServer: one plain upstream connection per TLS connection."""
+
+    def __init__(self, upstream: RawServer, cert_pem: str, tmp_path: Path) -> None:
+        certfile = tmp_path / f"server-{id(self)}.pem"
+        certfile.write_text(cert_pem)
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(str(certfile))
+        self._upstream = upstream
+        self.handshakes = 0
+        super().__init__()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def serve(self, conn: socket.socket) -> None:
+        try:
+            tls = self._ctx.wrap_socket(conn, server_side=True)
+        except OSError:
+            kill(conn)  # the client refused our certificate
+            return
+        self.handshakes += 1
+        self.keep(tls)
+        upstream = socket.create_connection(("127.0.0.1", self._upstream.port), timeout=10)
+        try:
+            f, uf = tls.makefile("rb"), upstream.makefile("rb")
+            while True:
+                msg = read_message(f)
+                if msg is None:
+                    return
+                write_message(upstream, *msg)
+                reply = read_message(uf)
+                if reply is None:
+                    return
+                write_message(tls, *reply)
+        except OSError:
+            return
+        finally:
+            kill(tls)
+            kill(upstream)
+
+
+# Test-only PKI (EC P-256, valid 2024-2124), made once with `cryptography` so
+# the suite needs neither it nor the openssl CLI.
+CA_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIBeDCCAR6gAwIBAgIUGTlYOuy7zeu+EYlPD9dOKxpxw5cwCgYIKoZIzj0EAwIw
+GTEXMBUGA1UEAwwOa2xpbWUgdGVzdHMgQ0EwIBcNMjQwMTAxMDAwMDAwWhgPMjEy
+NDAxMDEwMDAwMDBaMBkxFzAVBgNVBAMMDmtsaW1lIHRlc3RzIENBMFkwEwYHKoZI
+zj0CAQYIKoZIzj0DAQcDQgAEEkOCjUrahsFsnMF029h0KJBBpyToB8pKOCe/YuOc
+0MdemibI/oOsk1bb6Q2jDP0JMjoHQu6mpFxf7Y8BtHr5gqNCMEAwDwYDVR0TAQH/
+BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAQYwHQYDVR0OBBYEFCSm/+rJEin4A3osjOTa
+uGyDjOKzMAoGCCqGSM49BAMCA0gAMEUCIFjOsZFewyn/z3I1qHAVDEE4SsGP9bpN
+jB+14AHOvyRoAiEAoGJOgOt0W42MEhvOl2BCesTkGztn4eSq55IgzwAdMek=
+-----END CERTIFICATE-----
+"""
+
+# Signed by CA_CERT for 127.0.0.1 and localhost.
+LOOPBACK_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIBxDCCAWqgAwIBAgIUHqUQlxmuXfW1ZnE3wSOdLe7+5ZwwCgYIKoZIzj0EAwIw
+GTEXMBUGA1UEAwwOa2xpbWUgdGVzdHMgQ0EwIBcNMjQwMTAxMDAwMDAwWhgPMjEy
+NDAxMDEwMDAwMDBaMBQxEjAQBgNVBAMMCTEyNy4wLjAuMTBZMBMGByqGSM49AgEG
+CCqGSM49AwEHA0IABCf+9fXZIp/h30tJGlejFk8no1AsuE0XPfxtTjfsYo9MhbPR
+6fvSOEZ7oJh7+Fvut6bBO8AZ9Rwv6lcW+1s908GjgZIwgY8wDAYDVR0TAQH/BAIw
+ADAOBgNVHQ8BAf8EBAMCB4AwEwYDVR0lBAwwCgYIKwYBBQUHAwEwGgYDVR0RBBMw
+EYcEfwAAAYIJbG9jYWxob3N0MB0GA1UdDgQWBBTNxhCVcGuXsv8r6VpiRfP+x2kQ
+yzAfBgNVHSMEGDAWgBQkpv/qyRIp+AN6LIzk2rhsg4ziszAKBggqhkjOPQQDAgNI
+ADBFAiASVt25Xx0HILpbtB1mDf5vqMrdlMfpvtOodxBMJNuInwIhAIpjmkzoptbJ
+6zORHeqawehSLIC8IM+irGDWknm1Cqvm
+-----END CERTIFICATE-----
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgPTwzG2hLXdVgLXuz
+u8Y0t96n2AzBhmQpdRkLqrvh28uhRANCAAQn/vX12SKf4d9LSRpXoxZPJ6NQLLhN
+Fz38bU437GKPTIWz0en70jhGe6CYe/hb7remwTvAGfUcL+pXFvtbPdPB
+-----END PRIVATE KEY-----
+"""
+
+# Signed by CA_CERT for another name only.
+OTHER_NAME_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIBxTCCAWygAwIBAgIUA3rAKlf+71OcX6k9N3SVqOPzdjowCgYIKoZIzj0EAwIw
+GTEXMBUGA1UEAwwOa2xpbWUgdGVzdHMgQ0EwIBcNMjQwMTAxMDAwMDAwWhgPMjEy
+NDAxMDEwMDAwMDBaMBgxFjAUBgNVBAMMDWtsaW1lLmludmFsaWQwWTATBgcqhkjO
+PQIBBggqhkjOPQMBBwNCAAQedakxB4d4DiJGUE3vmUYJG4BPDMLCFQsKTqS397NE
+OSAuvaa9Z9TYPeqLYe2KgXo8mdFoMUmw3/0V6ktdp8Buo4GQMIGNMAwGA1UdEwEB
+/wQCMAAwDgYDVR0PAQH/BAQDAgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMBMBgGA1Ud
+EQQRMA+CDWtsaW1lLmludmFsaWQwHQYDVR0OBBYEFJialxlRFOewV//H0Nv0J0De
+2sWLMB8GA1UdIwQYMBaAFCSm/+rJEin4A3osjOTauGyDjOKzMAoGCCqGSM49BAMC
+A0cAMEQCIESN0TINGr2cE0PB2M0sF1Y2g68S2dg4DsK3md22CdhmAiASCZcpPw2p
+PlYlE7Co6KzykAiThNHVycp4kEVKK4e3hg==
+-----END CERTIFICATE-----
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglqVHuPpBH/kaDdgu
+93d2mF16qoSwQY1DT17DaG8EDkqhRANCAAQedakxB4d4DiJGUE3vmUYJG4BPDMLC
+FQsKTqS397NEOSAuvaa9Z9TYPeqLYe2KgXo8mdFoMUmw3/0V6ktdp8Bu
+-----END PRIVATE KEY-----
+"""
