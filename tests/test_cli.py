@@ -234,7 +234,7 @@ def test_invalid_arguments_exit_2_with_the_reason(
 def test_invalid_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "identify", "u1", "--write-key", KEY, "--endpoint", "ftp://example.com")
     assert code == EXIT_USAGE
-    assert "endpoint must be an http:// or https:// URL" in one_error_line(err)
+    assert "must start with http:// or https://" in one_error_line(err)
 
 
 def test_the_write_key_is_never_echoed(collector: Collector, capsys: pytest.CaptureFixture[str]) -> None:
@@ -314,7 +314,7 @@ def test_network_failure_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "track", "E", "--user-id", "u1", "--retries", "0", *to(refused_url()))
     assert (code, out) == (EXIT_NOT_DELIVERED, "")
     line = one_error_line(err)
-    assert "not delivered after 1 attempt(s)" in line and "ConnectionRefusedError" in line
+    assert "after 1 attempt(s)" in line and "ConnectionRefusedError" in line
     assert time.monotonic() - started < 5
 
 
@@ -326,7 +326,7 @@ def test_timeout_option_bounds_a_hanging_endpoint(capsys: pytest.CaptureFixture[
         )
         elapsed = time.monotonic() - started
     assert code == EXIT_NOT_DELIVERED
-    assert "timed out" in one_error_line(err)
+    assert "TimeoutError" in one_error_line(err)
     assert elapsed < 3
 
 
@@ -443,6 +443,6 @@ def test_subprocess_verbose_logs_retries(collector: Collector) -> None:
         "-v", "identify", "u1", "--retries", "1", "--endpoint", collector.url, env={"KLIME_WRITE_KEY": KEY}
     )
     assert proc.returncode == 0
-    assert "attempt 1/2 failed (HTTP 503" in proc.stderr
+    assert "attempt 1/2 failed: HTTP 503" in proc.stderr
     assert KEY not in proc.stderr + proc.stdout
     assert json.loads(json.dumps(collector.events))[0]["type"] == "identify"

@@ -472,7 +472,8 @@ def test_batches_never_exceed_100_events(make_client: MakeClient, collector: Col
     for i in range(250):
         client.track("E", user_id=f"u{i}")
     assert client.flush(timeout=5) is True
-    assert [len(r.events) for r in collector.requests] == [100, 100, 50]
+    # Batches may go out on several lanes at once, so in any order.
+    assert sorted(len(r.events) for r in collector.requests) == [50, 100, 100]
 
 
 INT_OPTIONS = ["max_batch_size", "max_queue_size", "retry_max_attempts"]

@@ -80,7 +80,8 @@ def test_full_batch_is_sent_without_flush_or_interval(collector: Collector, make
             collector.wait_for_events(10, timeout=5)
             time.sleep(0.05)
     events = collector.wait_for_events(30, timeout=5)
-    assert [e["properties"]["i"] for e in events] == list(range(30))
+    # Full batches may overlap on several lanes: each arrives whole, in any order.
+    assert sorted(e["properties"]["i"] for e in events) == list(range(30))
     assert [len(r.events) for r in collector.requests] == [10, 10, 10]
 
     # One short of a batch waits for the interval.

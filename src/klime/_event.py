@@ -122,12 +122,6 @@ class Event:
         traits: Optional[Dict[str, Any]] = None,
         context: Any = None,
     ) -> None:
-        if isinstance(properties, float) and isinstance(type, str):
-            # Transitional: today's client.py still calls Event(type, event, user_id,
-            # group_id, properties, traits, time_) positionally; new code calls new_event().
-            _Queued.__init__(self, type, messageId, timestamp, event, userId, groupId, properties)
-            self.__class__ = _Queued
-            return
         self.type = type
         self.event = event
         self.userId = userId

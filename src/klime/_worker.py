@@ -24,7 +24,7 @@ from ._event import Codec, Event
 from ._ledger import Batch, Ledger
 from ._reporter import Reporter, deadline_message
 from ._transport import Sender
-from .types import BatchResponse, SendError
+from .types import BatchResponse, Reason, SendError
 
 if TYPE_CHECKING:
     from ._options import Options
@@ -134,7 +134,7 @@ class Worker:
 
     # --- flush and shutdown --------------------------------------------------------------
 
-    def flush(self, deadline: Deadline, reason: str = "flush_deadline") -> bool:
+    def flush(self, deadline: Deadline, reason: Reason = "flush_deadline") -> bool:
         """Wait until every event queued before this call is delivered or reported.
 
         True when all of them were delivered. At the deadline the rest are
@@ -221,13 +221,12 @@ class Worker:
             signal = self._signals.get(batch)
             if signal is not None:
                 signal.set()
-        now = time.time()
         n = sum(len(b.events) for b in claimed[0]) + len(claimed[1]) + len(claimed[2])
         if n:
             self._done.notify_all()
         return claimed
 
-    def _report_claimed(self, claimed: Tuple[List[Batch], List[Event], List[Event]], reason: str) -> None:
+    def _report_claimed(self, claimed: Tuple[List[Batch], List[Event], List[Event]], reason: Reason) -> None:
         batches, dropped, queued = claimed
         now = time.time()
         if dropped:
@@ -241,7 +240,7 @@ class Worker:
             message = deadline_message(reason, len(events), cause or self._last_cause)
             self._reporter.failed(SendError(message, events, reason=reason))
 
-    def _count_failed(self, reason: str, n: int, now: float) -> None:
+    def _count_failed(self, reason: Reason, n: int, now: float) -> None:
         with self._lock:
             self.ledger.count_failed(reason, n, now)
 
@@ -378,7 +377,7 @@ class Worker:
                 self._threads.pop(me, None)
                 self._work.notify()
 
-    def _send_here(self, target: int, deadline: Deadline, reason: str) -> None:
+    def _send_here(self, target: int, deadline: Deadline, reason: Reason) -> None:
         """Without any thread: send the events before ``target`` on this thread, within ``deadline``."""
         me = threading.get_ident()
         with self._lock:
@@ -391,7 +390,7 @@ class Worker:
             with self._lock:
                 self._threads.pop(me, None)
 
-    def _send_here_locked_out(self, target: int, deadline: Deadline, reason: str) -> None:
+    def _send_here_locked_out(self, target: int, deadline: Deadline, reason: Reason) -> None:
         while not deadline.expired():
             with self._lock:
                 ledger = self.ledger
@@ -406,7 +405,7 @@ class Worker:
             else:
                 return
 
-    def _send(self, batch: Batch, deadline: Deadline, reason: Optional[str] = None) -> None:
+    def _send(self, batch: Batch, deadline: Deadline, reason: Optional[Reason] = None) -> None:
         """Encode, deliver and report one batch; never raises."""
         signal = threading.Event()
         with self._lock:
@@ -441,7 +440,7 @@ class Worker:
                 self._work.notify()
 
     def _send_part(
-        self, batch: Batch, deadline: Deadline, signal: threading.Event, reason: Optional[str]
+        self, batch: Batch, deadline: Deadline, signal: threading.Event, reason: Optional[Reason]
     ) -> List[Event]:
         """Send what fits of ``batch`` in one request; returns the events left for the next."""
         prep = self._codec.prepare(batch.events)

@@ -202,10 +202,7 @@ class KlimeClient:
 
     def __repr__(self) -> str:
         # Never the write key.
-        if self._options.disabled:
-            state = "disabled"
-        else:
-            state = ("open", "shutting down", "shut down")[self._state]
+        state = "disabled" if self._options.disabled else ("open", "shutting down", "shut down")[self._state]
         return f"<klime.KlimeClient endpoint={self.endpoint!r} queued={self.queue_size()} {state}>"
 
     # --- read-only settings -----------------------------------------------------------
