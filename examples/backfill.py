@@ -85,8 +85,9 @@ def main() -> int:
                 count = backfill(client)
             print(f"run {run}: sent {count} events")
         if collector is not None:
-            first = collector.events[0]
-            print(f"first event: timestamp={first['timestamp']} messageId={first['messageId']}")
+            # Batches travel on several connections at once, so pick the earliest by time.
+            first = min(collector.events, key=lambda e: e["timestamp"])
+            print(f"earliest event: timestamp={first['timestamp']} messageId={first['messageId']}")
             print(
                 f"collector: {len(collector.events)} events received, "
                 f"{collector.unique_message_ids()} distinct message ids (what Klime stores)"

@@ -8,13 +8,17 @@
 from ._event import Event
 from ._version import __version__
 from .client import KlimeClient
-from .types import BatchResponse, SendError, ValidationError
+from .types import BatchResponse, OnError, OnSuccess, Reason, SendError, Stats, ValidationError
 
 __all__ = [
     "BatchResponse",
     "Event",
     "KlimeClient",
+    "OnError",
+    "OnSuccess",
+    "Reason",
     "SendError",
+    "Stats",
     "ValidationError",
     "__version__",
 ]

@@ -206,7 +206,9 @@ class Options:
             write_key=write_key,
             endpoint=endpoint,
             flush_interval_ms=_number("flush_interval", args["flush_interval"], DEFAULT_FLUSH_INTERVAL, integer=False),
-            max_batch_size=min(_number("max_batch_size", args["max_batch_size"], DEFAULT_MAX_BATCH_SIZE), MAX_BATCH_SIZE),
+            max_batch_size=min(
+                _number("max_batch_size", args["max_batch_size"], DEFAULT_MAX_BATCH_SIZE), MAX_BATCH_SIZE
+            ),
             max_queue_size=_number("max_queue_size", args["max_queue_size"], DEFAULT_MAX_QUEUE_SIZE),
             retry_max_attempts=_number(
                 "retry_max_attempts", args["retry_max_attempts"], DEFAULT_RETRY_MAX_ATTEMPTS

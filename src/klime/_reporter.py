@@ -82,12 +82,12 @@ class Reporter:
         self._log_failure(error)
         for ev in error.events:
             ev.messageId  # noqa: B018 - fix the id before user code sees the event
-        self._call(self._on_error, error, error.events)
+        self.call(self._on_error, error, error.events)
 
     def delivered(self, response: BatchResponse, events: Sequence[Event]) -> List[Event]:
         """Log the events the server refused inside a 2xx, call ``on_success``; returns those events."""
         rejected = self.rejected_in(response, events)
-        self._call(self._on_success, response)
+        self.call(self._on_success, response)
         return rejected
 
     def rejected_in(self, response: BatchResponse, events: Sequence[Event]) -> List[Event]:
@@ -158,7 +158,8 @@ class Reporter:
 
     # --- user code ------------------------------------------------------------------
 
-    def _call(self, fn: Optional[Callable[..., Any]], *args: Any) -> None:
+    def call(self, fn: Optional[Callable[..., Any]], *args: Any) -> None:
+        """Run user code; an exception it raises is logged, never propagated on a sending thread."""
         if fn is None:
             return
         try:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from ._deadline import Deadline, monotonic
 from ._event import Codec, Event
-from ._ledger import Batch, Ledger
+from ._ledger import Batch, Ledger, Waiter
 from ._reporter import Reporter, deadline_message
 from ._transport import Sender
 from .types import BatchResponse, Reason, SendError
@@ -35,6 +35,16 @@ SHUTDOWN_RESERVE = 0.1
 REPORT_GRACE = 1.0
 # A lane beyond the first that had nothing to send for this long ends.
 LANE_IDLE = 10.0
+
+
+class _Direct:
+    """One event sent on a lane outside the queue, whose outcome goes to ``done`` (async ``*_sync``)."""
+
+    __slots__ = ("event", "done")
+
+    def __init__(self, event: Event, done: Callable[[Union[BatchResponse, SendError]], None]) -> None:
+        self.event = event
+        self.done = done
 
 
 class Worker:
@@ -63,7 +73,9 @@ class Worker:
         self._idle_lanes = threading.Condition(self._lock)  # wakes lanes
         self._done = threading.Condition(self._lock)  # wakes flush() callers
         self.ledger = Ledger(self._opts.max_queue_size)
-        self._ready: Deque[Batch] = deque()
+        self._ready: Deque[Union[Batch, _Direct]] = deque()
+        # flush waits completed by a callback instead of a blocked thread (asyncio)
+        self._watchers: List[Tuple[Waiter, Callable[[bool], None]]] = []
         self._accepting = accepting
         self._stopping = False
         self._flush_upto = 0
@@ -307,6 +319,11 @@ class Worker:
                         self._lanes += 1
                         start_lane = True
                         break
+                    if len(self._ready) > self._idle and self._lanes < self._max_lanes:
+                        # Direct sends waiting for a lane.
+                        self._lanes += 1
+                        start_lane = True
+                        break
                     if self._stopping and not q:
                         self._threads.pop(me, None)
                         return
@@ -328,9 +345,104 @@ class Worker:
             self._count_failed("queue_overflow", len(drops.events), time.time())
             self._reporter.failed(self._drop_error(drops.events))
         finally:
+            self._complete(drops)
+
+    def _complete(self, batch: Batch) -> None:
+        """``batch`` is reported: wake flush() callers and fire watchers it satisfied."""
+        with self._lock:
+            self.ledger.complete(batch)
+            self._done.notify_all()
+            fire = self._satisfied_watchers()
+        for waiter, callback in fire:
+            self._reporter.call(callback, waiter.ok)
+
+    def _satisfied_watchers(self) -> List[Tuple[Waiter, Callable[[bool], None]]]:
+        """Watchers whose events have all finished (the lock is held); removed from the list."""
+        if not self._watchers:
+            return []
+        mark = self.ledger.watermark()
+        fire = [(w, cb) for w, cb in self._watchers if mark >= w.target]
+        if fire:
+            self._watchers = [(w, cb) for w, cb in self._watchers if mark < w.target]
+            for w, _ in fire:
+                self.ledger.remove_waiter(w)
+        return fire
+
+    # --- flush without a blocked thread (asyncio) ----------------------------------------
+
+    def watch_flush(self, callback: Callable[[bool], None]) -> Optional[Waiter]:
+        """Like :meth:`flush`, but ``callback(ok)`` is called when done instead of blocking.
+
+        Returns a handle for :meth:`expire_watch` / :meth:`forget_watch`, or
+        None when everything has already finished (``callback`` has then
+        been called with True). ``callback`` runs on whichever thread
+        finished the last event; it must only hand the result on.
+        """
+        with self._lock:
+            waiter = self.ledger.add_waiter()
+            if waiter is not None:
+                self._watchers.append((waiter, callback))
+                if waiter.target > self._flush_upto:
+                    self._flush_upto = waiter.target
+                    self._work.notify()
+                threadless = self._threadless
+        if waiter is None:
+            callback(True)
+            return None
+        if threadless:
+            self._send_here(waiter.target, Deadline.never(), "flush_deadline")
+        return waiter
+
+    def expire_watch(self, waiter: Waiter, reason: Reason = "flush_deadline") -> None:
+        """The watched flush's deadline passed: claim and report the rest, then call back."""
+        with self._lock:
+            entry = next(((w, cb) for w, cb in self._watchers if w is waiter), None)
+            if entry is None:
+                return
+            claimed = self._claim_locked(waiter.target)
+            self._watchers.remove(entry)
+            self.ledger.remove_waiter(waiter)
+        self._report_claimed(claimed, reason)
+        self._reporter.call(entry[1], waiter.ok)
+
+    def forget_watch(self, waiter: Waiter) -> None:
+        """Stop watching (the awaiting task was cancelled); the events go on as usual."""
+        with self._lock:
+            for entry in self._watchers:
+                if entry[0] is waiter:
+                    self._watchers.remove(entry)
+                    self.ledger.remove_waiter(waiter)
+                    return
+
+    def send_direct(self, ev: Event, done: Callable[[Union[BatchResponse, SendError]], None]) -> None:
+        """Send one event on a lane, outside the queue; ``done(outcome)`` gets the result."""
+        with self._lock:
+            self._ready.append(_Direct(ev, done))
+            if self._idle >= len(self._ready):
+                self._idle_lanes.notify()
+            else:
+                self._work.notify()
+            start = self._dispatcher is None and not self._starting and not self._threadless
+            if start:
+                self._starting = True
+            threadless = self._threadless
+        if start:
+            self._start_dispatcher()
+        if threadless:
             with self._lock:
-                self.ledger.complete(drops)
-                self._done.notify_all()
+                job = self._ready.pop() if self._ready else None
+            if isinstance(job, _Direct):
+                self._send_direct(job)
+
+    def _send_direct(self, job: _Direct) -> None:
+        outcome: Union[BatchResponse, SendError]
+        try:
+            outcome = self.send_now(job.event, threading.Event())
+        except SendError as exc:
+            outcome = exc
+        except BaseException as exc:  # nothing may end a sending thread
+            outcome = SendError(f"Failed to send 1 event(s): {type(exc).__name__}", [job.event])
+        self._reporter.call(job.done, outcome)
 
     def _start_lane(self) -> None:
         thread = threading.Thread(target=self._lane, name="klime-sender", daemon=True)
@@ -340,10 +452,12 @@ class Worker:
             with self._lock:
                 self._lanes -= 1
                 alone = self._lanes == 0
-                batch = self._ready.popleft() if alone and self._ready else None
-            if batch is not None:
-                # No lane at all: the dispatcher sends this one itself.
-                self._send(batch, Deadline.never())
+                job = self._ready.popleft() if alone and self._ready else None
+            # No lane at all: the dispatcher sends this one itself.
+            if isinstance(job, _Direct):
+                self._send_direct(job)
+            elif job is not None:
+                self._send(job, Deadline.never())
 
     # --- the lanes -----------------------------------------------------------------------------
 
@@ -367,8 +481,11 @@ class Worker:
                             self._idle -= 1
                         if not self._ready:
                             return
-                    batch = self._ready.popleft()
-                self._send(batch, Deadline.never())
+                    job = self._ready.popleft()
+                if isinstance(job, _Direct):
+                    self._send_direct(job)
+                else:
+                    self._send(job, Deadline.never())
                 with self._lock:
                     self._work.notify()
         finally:
@@ -435,9 +552,8 @@ class Worker:
         finally:
             with self._lock:
                 self._signals.pop(batch, None)
-                self.ledger.complete(batch)
-                self._done.notify_all()
                 self._work.notify()
+            self._complete(batch)
 
     def _send_part(
         self, batch: Batch, deadline: Deadline, signal: threading.Event, reason: Optional[Reason]

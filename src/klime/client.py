@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Type, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
 
 from . import _lifecycle
 from ._deadline import Deadline
@@ -22,12 +22,10 @@ from ._options import Options
 from ._reporter import Reporter, scrubber
 from ._transport import HttpTransport, RetryPolicy, Sender, Transport
 from ._worker import Worker
-from .types import BatchResponse, SendError
+from .types import BatchResponse, OnError, OnSuccess, SendError, Stats
 
 Properties = Optional[Mapping[str, Any]]
 Timestamp = Union[datetime, str, None]
-OnError = Callable[[SendError, List[Event]], None]
-OnSuccess = Callable[[BatchResponse], None]
 
 _DEBUG = logging.DEBUG
 
@@ -350,6 +348,23 @@ class KlimeClient:
         check_fork()
         return self._worker.size()
 
+    def stats(self) -> Stats:
+        """A snapshot of the client's counters (see :class:`klime.Stats`); cheap, no I/O."""
+        check_fork()
+        snap = self._worker.snapshot()
+        return Stats(
+            enqueued=snap["enqueued"],
+            delivered=snap["delivered"],
+            rejected=snap["rejected"],
+            filtered=snap["filtered"],
+            failed=snap["failed"],
+            retries=snap["retries"],
+            in_flight=snap["in_flight"],
+            queued=snap["queued"],
+            last_success_at=_utc(snap["last_success"]),
+            last_failure_at=_utc(snap["last_failure"]),
+        )
+
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Send everything queued and wait for it.
 
@@ -532,6 +547,10 @@ class KlimeClient:
         self._reporter.reset()
         self._worker.after_fork()
         self._sender.transport.after_fork()
+
+
+def _utc(when: Optional[float]) -> Optional[datetime]:
+    return None if when is None else datetime.fromtimestamp(when, timezone.utc)
 
 
 def _make_debug_visible(logger: logging.Logger) -> None:

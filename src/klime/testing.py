@@ -65,7 +65,8 @@ from ._deadline import Deadline
 from ._event import encode
 from ._options import Options
 from ._transport import Response, Transport
-from .client import KlimeClient, OnError, OnSuccess
+from .client import KlimeClient
+from .types import OnError, OnSuccess
 
 __all__ = ["CapturingClient", "Failure", "MemoryTransport"]
 
