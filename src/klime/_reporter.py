@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._deadline import monotonic
 from ._event import Event
@@ -19,6 +19,40 @@ from .types import BatchResponse, SendError
 
 OnError = Callable[[SendError, List[Event]], None]
 OnSuccess = Callable[[BatchResponse], None]
+
+if TYPE_CHECKING:
+    _Adapter = logging.LoggerAdapter[logging.Logger]
+else:
+    _Adapter = logging.LoggerAdapter
+
+
+class _Reentry(threading.local):
+    active = False
+
+
+_reentry = _Reentry()
+
+
+class GuardedLogger(_Adapter):
+    """The user's logger, except that a log call made while one of ours is being handled is dropped.
+
+    A logging handler that calls the client back (track, flush) would
+    otherwise make the client log again from inside that handler, and so on
+    without end (docs/design.md, "Threads and locks").
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if _reentry.active or not self.logger.isEnabledFor(level):
+            return
+        _reentry.active = True
+        try:
+            self.logger.log(level, msg, *args, **kwargs)
+        finally:
+            _reentry.active = False
+
 
 # At most one log line per failure reason in this many seconds.
 LOG_INTERVAL = 10.0
@@ -60,7 +94,7 @@ class Reporter:
         on_success: Optional[OnSuccess],
         scrub: Callable[[str], str],
     ) -> None:
-        self.logger = logger
+        self.logger = GuardedLogger(logger)
         self._on_error = on_error
         self._on_success = on_success
         self._scrub = scrub

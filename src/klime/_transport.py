@@ -39,7 +39,7 @@ from datetime import timezone
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException, IncompleteRead, RemoteDisconnected
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
 from ._deadline import Deadline, monotonic
@@ -813,32 +813,6 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def log_rejected(logger: logging.Logger, resp: BatchResponse, events: Sequence[Event]) -> List[Event]:
-    """Log one warning per event the server rejected in a 2xx; returns those events.
-
-    When the server counts failures without saying which, the whole batch is
-    returned, since none of it can be confirmed.
-    """
-    if resp.failed <= 0:
-        return []
-    rejected: List[Event] = []
-    for err in resp.errors or []:
-        ev = events[err.index] if 0 <= err.index < len(events) else None
-        logger.warning(
-            "event rejected by the server: index=%d code=%s message=%s messageId=%s",
-            err.index,
-            err.code,
-            err.message,
-            ev.messageId if ev is not None else "?",
-        )
-        if ev is not None:
-            rejected.append(ev)
-    if not rejected:
-        logger.warning("the server rejected %d of %d event(s) without saying which", resp.failed, len(events))
-        rejected = list(events)
-    return rejected
-
-
 def _describe(exc: BaseException) -> str:
     """``Type: message`` of an exception, whatever its ``__str__`` does."""
     name = type(exc).__name__
@@ -860,7 +834,13 @@ class Sender:
     of any :meth:`deliver` first waits it out (docs/design.md, "Retries").
     """
 
-    def __init__(self, transport: Transport, policy: RetryPolicy, logger: logging.Logger, secret: str) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        policy: RetryPolicy,
+        logger: Union[logging.Logger, logging.LoggerAdapter[Any]],
+        secret: str,
+    ) -> None:
         self.transport = transport
         self.policy = policy
         self.logger = logger

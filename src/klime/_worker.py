@@ -55,7 +55,7 @@ class Worker:
         self._codec = codec
         self._sender = sender
         self._reporter = reporter
-        self._logger = options.logger
+        self._logger = reporter.logger
         self._batch_size = options.max_batch_size
         self._interval = options.flush_interval
         self._max_lanes = options.max_in_flight

@@ -174,7 +174,7 @@ class KlimeClient:
         self._sender = Sender(
             self._make_transport(opts),
             RetryPolicy(opts.retry_max_attempts, opts.retry_initial_delay),
-            opts.logger,
+            self._reporter.logger,
             opts.write_key,
         )
         self._codec = Codec(
@@ -424,7 +424,7 @@ class KlimeClient:
         try:
             self._finish_close(deadline, send=self._options.flush_on_shutdown)
         except Exception:  # pragma: no cover - never break interpreter exit
-            self._logger.exception("error while shutting down at exit")
+            self._reporter.logger.exception("error while shutting down at exit")
 
     def __enter__(self) -> KlimeClient:
         return self
@@ -448,9 +448,8 @@ class KlimeClient:
         if not self._worker.put(ev):
             self._after_shutdown()
             return
-        logger = self._logger
-        if logger.isEnabledFor(_DEBUG):
-            logger.debug("Enqueued %s event, queue size: %d", ev.type, self._worker.size())
+        if self._logger.isEnabledFor(_DEBUG):
+            self._reporter.logger.debug("Enqueued %s event, queue size: %d", ev.type, self._worker.size())
 
     # The checks below run on the caller's thread for every call, so the common
     # case is tested inline and only an unusual value goes to the helpers that
@@ -536,7 +535,7 @@ class KlimeClient:
         # Not on_error: user callbacks never run on the caller's thread.
         self._ignored += 1
         if self._ignored == 1 or self._ignored % 1000 == 0:
-            self._logger.warning("the client is shut down; %d event(s) ignored so far", self._ignored)
+            self._reporter.logger.warning("the client is shut down; %d event(s) ignored so far", self._ignored)
 
     def _after_fork(self) -> None:
         """In a forked child (called once, by the lifecycle's fork entry)."""
