@@ -446,3 +446,22 @@ def test_subprocess_verbose_logs_retries(collector: Collector) -> None:
     assert "attempt 1/2 failed: HTTP 503" in proc.stderr
     assert KEY not in proc.stderr + proc.stdout
     assert json.loads(json.dumps(collector.events))[0]["type"] == "identify"
+
+
+def test_the_cli_sends_without_starting_a_thread(
+    collector: Collector, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    started: List[str] = []
+    real_start = threading.Thread.start
+
+    def spy(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", spy)
+    code, _, err = run(capsys, "track", "One Shot", "--user-id", "u1", "--write-key", KEY, "--endpoint", collector.url)
+    assert (code, err) == (EXIT_OK, "")
+    assert [t for t in started if t.startswith("klime")] == []
+    assert [e["event"] for e in collector.events] == ["One Shot"]

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import uuid
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from ._version import __version__
 from .client import KlimeClient
@@ -188,6 +188,42 @@ def _add_event_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Each command once: its help, description, epilog, positional argument and options.
+# (option flag, metavar, help) for the options beyond --timestamp/--message-id.
+_COMMANDS: Dict[str, Dict[str, Any]] = {
+    "track": {
+        "help": "record that a user or a group did something",
+        "description": "Send a track event. Needs --user-id or --group-id (or both).",
+        "epilog": _TRACK_EPILOG,
+        "positional": ("event", "EVENT", 'event name, e.g. "Report Generated"'),
+        "options": [
+            ("--user-id", "ID", "the user who did it"),
+            ("--group-id", "ID", "the group (organization) it belongs to"),
+            ("--properties", "JSON", 'a JSON object, e.g. \'{"plan": "pro"}\' (or @FILE, @-)'),
+        ],
+    },
+    "identify": {
+        "help": "set a user's traits",
+        "description": "Send an identify event: who USER_ID is.",
+        "epilog": _IDENTIFY_EPILOG,
+        "positional": ("user_id", "USER_ID", "the user's id"),
+        "options": [
+            ("--traits", "JSON", 'a JSON object, e.g. \'{"email": "jane@example.com"}\' (or @FILE, @-)'),
+        ],
+    },
+    "group": {
+        "help": "set a group's traits and/or link a user to it",
+        "description": "Send a group event: set GROUP_ID's traits, link --user-id to it, or both.",
+        "epilog": _GROUP_EPILOG,
+        "positional": ("group_id", "GROUP_ID", "the group's (organization's) id"),
+        "options": [
+            ("--user-id", "ID", "a user to link to the group"),
+            ("--traits", "JSON", 'a JSON object, e.g. \'{"name": "Acme Inc"}\' (or @FILE, @-)'),
+        ],
+    },
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``klime`` command."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -202,54 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     commands.required = True
-
-    track = commands.add_parser(
-        "track",
-        help="record that a user or a group did something",
-        description="Send a track event. Needs --user-id or --group-id (or both).",
-        epilog=_TRACK_EPILOG,
-        formatter_class=fmt,
-        allow_abbrev=False,
-    )
-    track.add_argument("event", metavar="EVENT", help='event name, e.g. "Report Generated"')
-    track.add_argument("--user-id", metavar="ID", help="the user who did it")
-    track.add_argument("--group-id", metavar="ID", help="the group (organization) it belongs to")
-    track.add_argument(
-        "--properties", metavar="JSON", help='a JSON object, e.g. \'{"plan": "pro"}\' (or @FILE, @-)'
-    )
-    _add_event_options(track)
-    _add_connection_options(track)
-
-    identify = commands.add_parser(
-        "identify",
-        help="set a user's traits",
-        description="Send an identify event: who USER_ID is.",
-        epilog=_IDENTIFY_EPILOG,
-        formatter_class=fmt,
-        allow_abbrev=False,
-    )
-    identify.add_argument("user_id", metavar="USER_ID", help="the user's id")
-    identify.add_argument(
-        "--traits", metavar="JSON", help='a JSON object, e.g. \'{"email": "jane@example.com"}\' (or @FILE, @-)'
-    )
-    _add_event_options(identify)
-    _add_connection_options(identify)
-
-    group = commands.add_parser(
-        "group",
-        help="set a group's traits and/or link a user to it",
-        description="Send a group event: set GROUP_ID's traits, link --user-id to it, or both.",
-        epilog=_GROUP_EPILOG,
-        formatter_class=fmt,
-        allow_abbrev=False,
-    )
-    group.add_argument("group_id", metavar="GROUP_ID", help="the group's (organization's) id")
-    group.add_argument("--user-id", metavar="ID", help="a user to link to the group")
-    group.add_argument(
-        "--traits", metavar="JSON", help='a JSON object, e.g. \'{"name": "Acme Inc"}\' (or @FILE, @-)'
-    )
-    _add_event_options(group)
-    _add_connection_options(group)
+    for name, spec in _COMMANDS.items():
+        sub = commands.add_parser(
+            name,
+            help=spec["help"],
+            description=spec["description"],
+            epilog=spec["epilog"],
+            formatter_class=fmt,
+            allow_abbrev=False,
+        )
+        dest, metavar, help_text = spec["positional"]
+        sub.add_argument(dest, metavar=metavar, help=help_text)
+        for flag, meta, text in spec["options"]:
+            sub.add_argument(flag, metavar=meta, help=text)
+        _add_event_options(sub)
+        _add_connection_options(sub)
+        sub.set_defaults(send=_SENDERS[name])
     return parser
 
 
@@ -334,17 +338,39 @@ def _describe(args: argparse.Namespace) -> str:
     return f"{args.command} {json.dumps(target, ensure_ascii=False)}"
 
 
+class _OneShotClient(KlimeClient):
+    """A client for one ``*_sync`` call: it never starts a background thread."""
+
+    _background_threads = False
+
+
+def _send_track(client: KlimeClient, args: argparse.Namespace, common: Dict[str, Any]) -> BatchResponse:
+    if args.user_id is None and args.group_id is None:
+        raise _UsageError("track needs --user-id or --group-id (anonymous events are not supported)")
+    properties = _json_object(args.properties, "--properties")
+    return client.track_sync(args.event, properties, user_id=args.user_id, group_id=args.group_id, **common)
+
+
+def _send_identify(client: KlimeClient, args: argparse.Namespace, common: Dict[str, Any]) -> BatchResponse:
+    return client.identify_sync(args.user_id, _json_object(args.traits, "--traits"), **common)
+
+
+def _send_group(client: KlimeClient, args: argparse.Namespace, common: Dict[str, Any]) -> BatchResponse:
+    traits = _json_object(args.traits, "--traits")
+    return client.group_sync(args.group_id, traits, user_id=args.user_id, **common)
+
+
+_SENDERS: Dict[str, Callable[[KlimeClient, argparse.Namespace, Dict[str, Any]], BatchResponse]] = {
+    "track": _send_track,
+    "identify": _send_identify,
+    "group": _send_group,
+}
+
+
 def _send(client: KlimeClient, args: argparse.Namespace, message_id: str) -> BatchResponse:
     common: Dict[str, Any] = {"timestamp": args.timestamp, "message_id": message_id}
-    if args.command == "track":
-        if args.user_id is None and args.group_id is None:
-            raise _UsageError("track needs --user-id or --group-id (anonymous events are not supported)")
-        properties = _json_object(args.properties, "--properties")
-        return client.track_sync(args.event, properties, user_id=args.user_id, group_id=args.group_id, **common)
-    traits = _json_object(args.traits, "--traits")
-    if args.command == "identify":
-        return client.identify_sync(args.user_id, traits, **common)
-    return client.group_sync(args.group_id, traits, user_id=args.user_id, **common)
+    send: Callable[[KlimeClient, argparse.Namespace, Dict[str, Any]], BatchResponse] = args.send
+    return send(client, args, common)
 
 
 def _send_error(exc: SendError) -> Tuple[int, str]:
@@ -389,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timeout: float = getattr(args, "timeout", 10.0)
     client: Optional[KlimeClient] = None
     try:
-        client = KlimeClient(
+        client = _OneShotClient(
             write_key,
             getattr(args, "endpoint", None),
             retry_max_attempts=retries + 1,

@@ -119,6 +119,10 @@ class KlimeClient:
             ``KLIME_DEBUG=1``.
     """
 
+    # Whether the constructor starts the sending thread (the CLI's one-shot
+    # client sends on its caller's thread only).
+    _background_threads = True
+
     def __init__(
         self,
         write_key: Optional[str] = None,
@@ -195,7 +199,8 @@ class KlimeClient:
             return
         # Started now rather than by the first call: starting a thread takes
         # ~0.3 ms, which would otherwise land on the caller's first track().
-        self._worker.start()
+        if self._background_threads:
+            self._worker.start()
         _lifecycle.register(self)
 
     def __repr__(self) -> str:
