@@ -756,3 +756,22 @@ def test_debug_outcome_waits_for_a_slow_answer(
         assert took > 0
     finally:
         logger.setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()], ids=lambda e: type(e).__name__)
+def test_a_hook_raising_a_base_exception_on_a_sending_thread_is_contained(
+    make_client: MakeClient, collector: Collector, recorder: Recorder, exc: BaseException
+) -> None:
+    def hook(event: Dict[str, Any]) -> Dict[str, Any]:
+        if event.get("event") == "Bad":
+            raise exc
+        return event
+
+    client = make_client(collector.url, before_send=hook)
+    client.track("Bad", user_id="u1")
+    client.track("Good", user_id="u1")
+    assert client.flush(timeout=10) is False
+    assert [e["event"] for e in collector.events] == ["Good"]
+    assert [err.reason for err, _ in recorder.errors] == ["before_send_error"]
+    client.track("Later", user_id="u1")
+    assert client.flush(timeout=10), "the sending side still works"
