@@ -116,7 +116,9 @@ def test_before_send_none_drops_the_event_as_filtered_not_failed(
     response = client.track_sync("Drop", user_id="u1")
     assert isinstance(response, BatchResponse) and response.accepted == 0
     assert len(collector.requests) == before
-    assert client.stats().filtered == 4
+    stats = client.stats()
+    assert (stats.filtered, stats.enqueued) == (4, 8)
+    assert balanced(stats)
     assert recorder.errors == []
 
 
@@ -529,6 +531,28 @@ def test_stats_counts_queue_overflow(
     s = client.stats()
     assert s.failed == {"queue_overflow": 3}
     assert (s.enqueued, s.delivered) == (7, 4)
+    assert balanced(s)
+
+
+def test_stats_after_a_flush_deadline(make_client: MakeClient, raw_servers: Servers, recorder: Recorder) -> None:
+    gate = Held(0)
+    server = raw_servers(gate)
+    client = make_client(server.url, max_batch_size=2, max_in_flight=1, request_timeout=30_000)
+    for _ in range(3):
+        client.track("Slow", user_id="u1")
+    server.wait_for_requests(1, timeout=10)
+    assert client.flush(timeout=0.2) is False
+    s = client.stats()
+    assert s.failed == {"flush_deadline": 3}, "the held batch and the queued event, claimed at the deadline"
+    assert (s.queued, s.in_flight, s.delivered) == (0, 0, 0)
+    assert balanced(s)
+    gate.release()
+    client.track("After", user_id="u1")
+    assert client.flush(timeout=10)
+    s = client.stats()
+    assert s.delivered == 1, "a batch reported at a deadline is not counted again when it lands"
+    assert s.last_success_at is not None and s.last_failure_at is not None
+    assert s.last_failure_at <= s.last_success_at
     assert balanced(s)
 
 
