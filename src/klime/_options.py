@@ -75,10 +75,14 @@ def _env_value(option: str, environ: Mapping[str, str]) -> Any:
     except ValueError:
         what = "a whole number" if kind == "int" else "a number of milliseconds"
         raise ValueError(f"{var}={raw!r} is not {what}") from None
+    # Checked before int(value): int() of NaN or infinity raises its own
+    # error, which would not name the variable (docs/design.md, "Options").
+    if not value > 0:
+        raise ValueError(f"{var}={raw!r} must be a number greater than 0")
+    if kind == "ms" and not value <= _MAX_DURATION_MS:
+        raise ValueError(f"{var}={raw!r} must be a finite number of milliseconds, at most {_MAX_DURATION_MS:.0f}")
     if kind == "ms" and value == int(value):
         value = int(value)
-    if not value > 0 or (kind == "ms" and not value <= _MAX_DURATION_MS):
-        raise ValueError(f"{var}={raw!r} must be a number greater than 0")
     return value
 
 

@@ -579,8 +579,7 @@ class Worker:
         if not prep.events:
             return prep.rest
         if opts.debug:
-            for part in prep.parts:
-                self._logger.debug("sending event %s", part.decode("utf-8", "replace"))
+            self._debug_events(prep.parts)
 
         def failed_attempt(cause: str, will_retry: bool) -> None:
             batch.cause = cause
@@ -601,14 +600,7 @@ class Worker:
                 message = deadline_message(reason, len(prep.events), batch.cause)
                 outcome = SendError(message, prep.events, reason=reason, status=exc.status)
         if opts.debug:
-            took = monotonic() - started
-            if isinstance(outcome, BatchResponse):
-                self._logger.debug(
-                    "request of %d event(s): accepted=%d failed=%d in %.3fs",
-                    len(prep.events), outcome.accepted, outcome.failed, took,
-                )
-            else:
-                self._logger.debug("request of %d event(s) failed in %.3fs: %s", len(prep.events), took, outcome)
+            self._debug_outcome(len(prep.events), outcome, monotonic() - started)
         undelivered: List[Event] = list(prep.events)
         if isinstance(outcome, BatchResponse):
             undelivered = self._rejected(outcome, prep.events)
@@ -636,6 +628,29 @@ class Worker:
         else:
             self._reporter.failed(outcome)
         return prep.rest
+
+    # --- debug=True (docs/design.md, "Debug") ---------------------------------------------
+
+    def _debug_events(self, parts: List[bytes]) -> None:
+        """Each event's wire JSON, as it goes out."""
+        for part in parts:
+            self._logger.debug("sending event %s", part.decode("utf-8", "replace"))
+
+    def _debug_outcome(self, count: int, outcome: Union[BatchResponse, SendError], took: float) -> None:
+        """One request's outcome: its status, how many events, how long it took.
+
+        A SendError's message is already scrubbed of the write key by the Sender.
+        """
+        if isinstance(outcome, BatchResponse):
+            self._logger.debug(
+                "request of %d event(s): status=%s accepted=%d failed=%d in %.3fs",
+                count, outcome.status, outcome.accepted, outcome.failed, took,
+            )
+        else:
+            self._logger.debug(
+                "request of %d event(s) failed: status=%s reason=%s in %.3fs: %s",
+                count, outcome.status, outcome.reason, took, outcome.message,
+            )
 
     def _rejected(self, response: BatchResponse, events: List[Event]) -> List[Event]:
         """Events refused inside a 2xx, without logging (the reporter logs them)."""
@@ -665,11 +680,19 @@ class Worker:
                 with self._lock:
                     self.ledger.retries += 1
 
+        debug = self._opts.debug
+        if debug:
+            self._debug_events(prep.parts)
+        started = monotonic()
         try:
             response = self._sender.deliver(prep.body, prep.events, Deadline.never(), interrupt, failed_attempt)
         except SendError as exc:
+            if debug:
+                self._debug_outcome(1, exc, monotonic() - started)
             self._count_failed(exc.reason, 1, time.time())
             raise
+        if debug:
+            self._debug_outcome(1, response, monotonic() - started)
         rejected = self._reporter.rejected_in(response, prep.events)
         with self._lock:
             self.ledger.rejected += len(rejected)

@@ -557,8 +557,17 @@ def _utc(when: Optional[float]) -> Optional[datetime]:
     return None if when is None else datetime.fromtimestamp(when, timezone.utc)
 
 
-def _make_debug_visible(logger: logging.Logger) -> None:
-    """debug=True: DEBUG records on ``logger`` reach a handler (stderr if none would)."""
+def _make_debug_visible(given: Any) -> None:
+    """debug=True: DEBUG records on ``given`` (a Logger or LoggerAdapter) reach a handler (stderr if none would).
+
+    A ``LoggerAdapter`` has no handlers of its own: the logger it wraps is
+    the one made visible (docs/design.md, "Debug").
+    """
+    logger: Any = given
+    while isinstance(logger, logging.LoggerAdapter):
+        logger = logger.logger
+    if not isinstance(logger, logging.Logger):
+        return
     logger.setLevel(logging.DEBUG)
     probe: Optional[logging.Logger] = logger
     while probe is not None:
