@@ -101,8 +101,7 @@ def raw_servers(make_client: Callable[..., KlimeClient]) -> Iterator[Callable[..
 
 PROCESS_TIMEOUT = 60.0
 _DUMP_GRACE = 3.0  # seconds a timed-out group gets to print its tracebacks (faulthandler) before SIGKILL
-_live_groups: Set[int] = set()
-_live_lock = threading.Lock()
+_live_groups: Set[int] = set()  # add/discard are atomic; no lock (the SIGTERM handler reads it)
 
 
 def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
@@ -112,9 +111,7 @@ def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def _kill_live_groups_on_sigterm(signum: int, frame: Any) -> None:
-    with _live_lock:
-        groups = list(_live_groups)
-    for pgid in groups:
+    for pgid in list(_live_groups):
         _kill_group(pgid)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
@@ -176,8 +173,7 @@ def run_process(
         start_new_session=True,
     )
     pgid = proc.pid  # start_new_session: the child leads a new session and process group
-    with _live_lock:
-        _live_groups.add(pgid)
+    _live_groups.add(pgid)
     timed_out = False
     try:
         if on_start is not None:
@@ -214,8 +210,7 @@ def run_process(
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
-        with _live_lock:
-            _live_groups.discard(pgid)
+        _live_groups.discard(pgid)
     assert not timed_out
     return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
 
@@ -285,6 +280,7 @@ def fork_and_wait(child: Callable[[], bytes], timeout: float = 20.0) -> Tuple[in
     os.close(write_end)
     with contextlib.suppress(OSError):  # the child did it first, or has already exited
         os.setpgid(pid, pid)  # also here: no window in which the group does not exist yet
+    _live_groups.add(pid)
     chunks: List[bytes] = []
     status: Optional[int] = None
     deadline = time.monotonic() + timeout
@@ -310,6 +306,7 @@ def fork_and_wait(child: Callable[[], bytes], timeout: float = 20.0) -> Tuple[in
         if status is None:
             _kill_group(pid)
             _kill_group_leader(pid)
+        _live_groups.discard(pid)
         os.close(read_end)
     if status is None:
         pytest.fail(
