@@ -87,6 +87,7 @@ def test_a_finished_process_gives_its_output_and_status() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is not available")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # 3.12+
 def test_a_forked_child_is_bounded_and_always_leaves_through_os_exit() -> None:
     code, data = fork_and_wait(lambda: b"x" * 200_000)  # more than a pipe holds
     assert (code, len(data)) == (0, 200_000)
