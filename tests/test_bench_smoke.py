@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict
+
+from .conftest import run_process
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
@@ -34,12 +35,7 @@ LABELS = [
 def test_quick_benchmark_prints_all_figures_and_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_process([sys.executable, str(BENCH), "--quick", "--json", str(out)], timeout=60)
     took = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     for name in FIGURES:

@@ -18,6 +18,7 @@ import pytest
 import klime
 from klime._cli import EXIT_NOT_DELIVERED, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
 
+from .conftest import run_process as run_bounded
 from .servers import Collector, RawServer, refused_url
 
 KEY = "sk_test_0123456789abcdef"
@@ -48,14 +49,7 @@ def run_process(*args: str, env: Optional[Dict[str, str]] = None, stdin: str = "
     src = str(Path(klime.__file__).resolve().parent.parent)
     base["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
     base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "klime", *args],
-        env=base,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_bounded([sys.executable, "-m", "klime", *args], env=base, input=stdin)
 
 
 def one_error_line(err: str) -> str:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from .conftest import run_process
 from .servers import Collector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,14 +37,7 @@ def _env(endpoint: Optional[str] = None) -> Dict[str, str]:
 
 
 def run(name: str, *args: str, endpoint: Optional[str] = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, *args, str(EXAMPLES / name)],
-        cwd=ROOT,
-        env=_env(endpoint),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_process([sys.executable, *args, str(EXAMPLES / name)], cwd=str(ROOT), env=_env(endpoint), timeout=120)
     assert proc.returncode == 0, f"{name} exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -122,12 +116,10 @@ def test_testing_example_as_a_script() -> None:
 
 
 def test_testing_example_under_pytest() -> None:
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLES / "testing_example.py")],
-        cwd=ROOT,
+        cwd=str(ROOT),
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -21,7 +19,7 @@ import pytest
 
 from klime import KlimeClient, SendError
 
-from .conftest import FAST, Recorder
+from .conftest import FAST, WAIT_FOR_CHILD, Recorder, fork_and_wait, run_process
 from .servers import Collector, Held, RawServer, wait_until
 
 MakeClient = Callable[..., KlimeClient]
@@ -156,12 +154,7 @@ def run_exit_script(tmp_path: Path, url: str, count: int, flush_on_shutdown: boo
     script = tmp_path / "exit_script.py"
     script.write_text(EXIT_SCRIPT)
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(script), url, str(count), "1" if flush_on_shutdown else "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_process([sys.executable, str(script), url, str(count), "1" if flush_on_shutdown else "0"])
     took = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -216,46 +209,14 @@ needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is no
 
 
 def run_in_child(child: Callable[[], Dict[str, Any]], timeout: float = 20.0) -> Dict[str, Any]:
-    """Fork; run ``child`` there and send its result back through a pipe.
+    """Fork; run ``child`` there and return its result (JSON through a pipe).
 
     The child leaves with ``os._exit`` so that neither pytest nor the exit
     hooks run in it. A child still running after ``timeout`` counts as
-    deadlocked and is killed.
+    deadlocked: it is killed with its process group and the test fails.
     """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 0
-        try:
-            os.close(read_end)
-            result = child()
-            os.write(write_end, json.dumps(result).encode())
-        except BaseException as exc:
-            os.write(write_end, json.dumps({"exception": repr(exc)}).encode())
-            code = 3
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.02)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(read_end)
-        pytest.fail(f"the forked child did not finish within {timeout}s (deadlock?)")
-    data = b""
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        data += chunk
-    os.close(read_end)
-    assert os.waitstatus_to_exitcode(status) == 0, data
+    code, data = fork_and_wait(lambda: json.dumps(child()).encode(), timeout=timeout)
+    assert code == 0, data.decode(errors="replace")
     result: Dict[str, Any] = json.loads(data)
     return result
 
@@ -353,7 +314,8 @@ def test_forked_child_that_exits_normally_delivers_only_its_own_events(
     server = raw_servers()
     script = tmp_path / "fork_exit.py"
     script.write_text(
-        textwrap.dedent(
+        WAIT_FOR_CHILD
+        + textwrap.dedent(
             """
             import os, sys, warnings
             from klime import KlimeClient
@@ -367,14 +329,13 @@ def test_forked_child_that_exits_normally_delivers_only_its_own_events(
                 for i in range(3):
                     client.track("Child", {"i": i}, user_id="child")
                 sys.exit(0)  # a normal exit: atexit hooks run in the child
-            _, status = os.waitpid(pid, 0)
-            print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+            print("child exit", wait_for_child(pid), flush=True)
             """
         )
     )
-    proc = subprocess.run([sys.executable, str(script), server.url], capture_output=True, text=True, timeout=60)
+    proc = run_process([sys.executable, str(script), server.url])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "child exit 0"
+    assert proc.stdout.strip() == "child exit 0", proc.stdout + proc.stderr
     events = raw_events(server)
     assert sorted(e["properties"]["i"] for e in events if e["event"] == "Parent") == [0, 1, 2, 3, 4]
     assert sorted(e["properties"]["i"] for e in events if e["event"] == "Child") == [0, 1, 2]
@@ -422,12 +383,7 @@ def test_event_tracked_in_an_atexit_handler_is_delivered(
     script = tmp_path / "atexit_track.py"
     script.write_text(ATEXIT_TRACK_SCRIPT)
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(script), server.url, "1" if refuse_threads else "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_process([sys.executable, str(script), server.url, "1" if refuse_threads else "0"])
     assert time.monotonic() - t0 < 15
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -530,7 +486,8 @@ def test_child_of_a_c_level_fork_still_delivers_its_own_events(tmp_path: Path, r
     server = raw_servers()
     script = tmp_path / "c_fork.py"
     script.write_text(
-        textwrap.dedent(
+        WAIT_FOR_CHILD
+        + textwrap.dedent(
             """
             import ctypes, os, sys
             from klime import KlimeClient
@@ -543,18 +500,21 @@ def test_child_of_a_c_level_fork_still_delivers_its_own_events(tmp_path: Path, r
             # could inherit a GIL owned by a thread that no longer exists.
             pid = ctypes.PyDLL(None).fork()
             if pid == 0:
-                for i in range(3):
-                    client.track("Child", {"i": i}, user_id="child")
-                ok = client.flush(timeout=10)
-                os._exit(0 if ok else 3)
-            _, status = os.waitpid(pid, 0)
-            print("child", os.waitstatus_to_exitcode(status), "parent", client.flush(timeout=10), flush=True)
+                code = 4  # raised
+                try:
+                    for i in range(3):
+                        client.track("Child", {"i": i}, user_id="child")
+                    code = 0 if client.flush(timeout=10) else 3
+                finally:
+                    os._exit(code)  # never the parent's code, never the exit hooks
+            # Bounded: a child that hangs is killed (after printing its threads) and shows as "hung".
+            print("child", wait_for_child(pid), "parent", client.flush(timeout=10), flush=True)
             """
         )
     )
-    proc = subprocess.run([sys.executable, str(script), server.url], capture_output=True, text=True, timeout=60)
+    proc = run_process([sys.executable, str(script), server.url], timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "child 0 parent True"
+    assert proc.stdout.strip() == "child 0 parent True", proc.stdout + proc.stderr
     events = raw_events(server)
     assert sorted(e["properties"]["i"] for e in events if e["event"] == "Parent") == [0, 1, 2, 3]
     assert sorted(e["properties"]["i"] for e in events if e["event"] == "Child") == [0, 1, 2]
@@ -617,6 +577,6 @@ def test_client_the_application_let_go_of_still_delivers_at_exit(
             """
         )
     )
-    proc = subprocess.run([sys.executable, str(script), server.url], capture_output=True, text=True, timeout=60)
+    proc = run_process([sys.executable, str(script), server.url])
     assert proc.returncode == 0, proc.stderr
     assert sorted(e["properties"]["i"] for e in raw_events(server)) == [0, 1, 2]

@@ -8,7 +8,6 @@ isolation, into a temporary directory, then looks inside.
 from __future__ import annotations
 
 import email
-import subprocess
 import sys
 import tarfile
 import zipfile
@@ -19,6 +18,8 @@ from typing import Dict, List
 import pytest
 
 import klime
+
+from .conftest import run_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "klime"
@@ -36,13 +37,7 @@ print(build_sdist(out))
 def dists(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     pytest.importorskip("hatchling", reason="hatchling (the build backend) is part of the test extra")
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run(
-        [sys.executable, "-c", BUILD, str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_process([sys.executable, "-c", BUILD, str(out)], cwd=str(ROOT), timeout=120)
     assert proc.returncode == 0, proc.stderr
     wheel_name, sdist_name = proc.stdout.split()
     return {"wheel": out / wheel_name, "sdist": out / sdist_name}

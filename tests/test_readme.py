@@ -17,7 +17,6 @@ import ast
 import os
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Dict, List
 
 import pytest
 
+from .conftest import run_process
 from .servers import Collector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,14 +126,7 @@ def test_python_block_runs(block: Block, collector: Collector, tmp_path: Path) -
         code = PREAMBLE + code + POSTAMBLE
     script = tmp_path / "block.py"
     script.write_text(code, encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=_env(collector),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_process([sys.executable, str(script)], cwd=str(tmp_path), env=_env(collector))
     assert proc.returncode == 0, f"README line {block.line} failed:\n{code}\n--- stderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr, proc.stderr
     if SENDS.search(code) and "CapturingClient" not in code:
@@ -147,14 +140,7 @@ def test_python_block_runs(block: Block, collector: Collector, tmp_path: Path) -
 def test_cli_line_runs(block: Block, command: str, collector: Collector, tmp_path: Path) -> None:
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "klime"]
-    proc = subprocess.run(
-        [sys.executable, *argv[1:]],
-        cwd=tmp_path,
-        env=_env(collector),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_process([sys.executable, *argv[1:]], cwd=str(tmp_path), env=_env(collector))
     assert proc.returncode == 0, f"README line {block.line}: {command}\n{proc.stderr}"
     assert proc.stdout.startswith("accepted: 1 event"), proc.stdout
     (event,) = collector.events

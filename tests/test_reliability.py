@@ -34,7 +34,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -47,6 +46,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from klime import BatchResponse, Event, KlimeClient
 
+from .conftest import run_process
 from .servers import RawRequest, RawServer, Reply
 
 SEED = int(os.environ.get("KLIME_RELIABILITY_SEED", "20261122"))
@@ -467,6 +467,8 @@ def run_scenario(config_path: str) -> None:
             break
         time.sleep(0.01)
     if status is None:
+        os.kill(pid, signal.SIGABRT)  # PYTHONFAULTHANDLER=1 (run_process): its threads' tracebacks on stderr
+        time.sleep(2.0)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     result["child_exit"] = status
@@ -557,24 +559,16 @@ def test_every_event_accounted_for_under_faults_threads_and_fork(tmp_path: Path)
     with FaultServer(plan) as server:
         cfg_path.write_text(json.dumps({"seed": seed, "url": server.url, "out": str(out), "child_out": str(child_out)}))
         started = time.monotonic()
-        proc = subprocess.Popen(
+        # Past RUN_LIMIT the scenario and its fork are killed together and the test fails with their output.
+        proc = run_process(
             [sys.executable, "-c", code, str(ROOT), str(cfg_path)],
             cwd=str(ROOT),
             # A proxy from the environment would take the client off loopback.
             env={k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            timeout=RUN_LIMIT,
+            on_start=lambda p: server.watch(p.pid),
         )
-        server.watch(proc.pid)
-        try:
-            _, stderr = proc.communicate(timeout=RUN_LIMIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
-            raise AssertionError(
-                f"seed {seed}: the scenario did not exit within {RUN_LIMIT}s\n{stderr[-3000:]}"
-            ) from None
+        stderr = proc.stderr
         ended = time.time()
         runtime = time.monotonic() - started
         owners = dict(server.owners)

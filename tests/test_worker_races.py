@@ -8,7 +8,6 @@ sleeping and hoping.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 import threading
@@ -19,7 +18,7 @@ import pytest
 
 from klime import BatchResponse, KlimeClient
 
-from .conftest import Recorder
+from .conftest import Recorder, run_process
 from .servers import RawRequest, RawServer, Reply, default_behaviour
 
 MakeClient = Callable[..., KlimeClient]
@@ -164,13 +163,15 @@ if sys.argv[2] == "locked":
     client._worker._lock.acquire()
 pid = ctypes.PyDLL(None).fork()  # from C: os.register_at_fork hooks do not run
 if pid == 0:
-    if sys.argv[2] == "locked":
-        print("child shutdown", client.shutdown(timeout=2), flush=True)
-    else:
-        # What the interpreter's exit runs; flush_on_shutdown=False reports the queue instead.
-        klime._lifecycle.exit_all()
-        print("child exit hook done", flush=True)
-    os._exit(0)
+    try:
+        if sys.argv[2] == "locked":
+            print("child shutdown", client.shutdown(timeout=2), flush=True)
+        else:
+            # What the interpreter's exit runs; flush_on_shutdown=False reports the queue instead.
+            klime._lifecycle.exit_all()
+            print("child exit hook done", flush=True)
+    finally:
+        os._exit(0)  # never the parent's code, never the exit hooks
 if sys.argv[2] == "locked":
     client._worker._lock.release()
 deadline = time.monotonic() + 15
@@ -180,6 +181,8 @@ while time.monotonic() < deadline:
         break
     time.sleep(0.02)
 else:
+    os.kill(pid, 6)  # SIGABRT: with PYTHONFAULTHANDLER=1 (run_process) it prints where it hung
+    time.sleep(2)
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     print("child hung", flush=True)
@@ -196,9 +199,7 @@ def test_shutdown_in_the_child_of_a_c_level_fork(tmp_path: Path, raw_servers: Ra
     server = raw_servers()
     script = tmp_path / "c_fork_shutdown.py"
     script.write_text(textwrap.dedent(C_FORK_SCRIPT))
-    proc = subprocess.run(
-        [sys.executable, str(script), server.url, mode], capture_output=True, text=True, timeout=60
-    )
+    proc = run_process([sys.executable, str(script), server.url, mode])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     child_line = "child shutdown True" if mode == "locked" else "child exit hook done"
