@@ -137,7 +137,7 @@ def live(dump: Dict[str, Any], path: str) -> bool:
             ax.annotate(f"{v:.0f}%", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(x))
         ax.set_xticklabels([_label(s) for s in sdks], fontsize=8)
-        ax.set_ylim(0, 112)
+        ax.set_ylim(0, 125)
         ax.set_ylabel("% of the calls offered", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         batch = " at batch 100" if "100" in name else " at the documented defaults"
@@ -145,7 +145,7 @@ def live(dump: Dict[str, Any], path: str) -> bool:
             f"{info['rate']:.0f} calls/s for {info['duration']:g} s{batch}",
             fontsize=10,
         )
-        ax.legend(fontsize=8, loc="upper right", frameon=False)
+        ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(
         f"Live traffic, collector {dump['rtt_ms']:g} ms away (+2 round trips per new connection)"
