@@ -1,18 +1,19 @@
-"""Benchmark klime against a loopback collector, optionally side by side with another SDK.
+"""Benchmark klime against a loopback collector, side by side with the reference and peer SDKs.
 
-    .venv/bin/python benchmarks/bench.py                      # our klime only
-    .venv/bin/python benchmarks/bench.py --quick              # smoke run, a few seconds
-    .venv/bin/python benchmarks/bench.py --compare /tmp/ref-venv/bin/python --runs 5
+    .venv/bin/python benchmarks/bench.py --compare --save   # everything: figures, tables, charts
+    .venv/bin/python benchmarks/bench.py                     # our klime (src/) only
+    .venv/bin/python benchmarks/bench.py --quick             # smoke run, about 10 seconds
 
-The collector (``collector.py``) runs in a process of its own. Every
-workload runs in a fresh process of the interpreter under test
-(``driver.py``), which reports JSON lines back here. With ``--compare``,
-our runs and the other interpreter's alternate, and the table shows the
-median of each figure with the ratio other/ours next to the SPEC 4 target.
-segment-analytics-python and posthog are measured too when the other
-interpreter can import them. See ``benchmarks/README.md``.
+The collector (``collector.py``) runs in a process of its own; its ``far``
+port answers one round trip late, as a distant API would. Every workload
+runs in a fresh process of the interpreter under test (``driver.py``),
+which reports JSON lines back here. With ``--compare``, the reference
+``klime==1.1.0``, Segment, PostHog and Amplitude are measured too, each
+from a venv of its own under the cache directory; our runs and theirs
+alternate, and the table shows the median of each figure with the ratio
+reference/ours next to the target. See ``benchmarks/README.md``.
 
-Standard library only.
+Standard library only (the charts run in a venv with matplotlib).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Figure:
 
 @dataclass(frozen=True)
 class Target:
-    """A SPEC 4 target: a ratio other/ours, or an absolute bound on ours."""
+    """A performance target: a ratio reference/ours, or an absolute bound on ours."""
 
     # "ratio" (other/ours >= value), "below" (ours < value), "atmost" (ours <= value), "zero",
     # "pace" (ours >= value * the workload's offered rate: the app was not slowed)
