@@ -619,6 +619,21 @@ def _probe(python: str, code: str, pythonpath: Optional[str] = None) -> Optional
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def describe_src(src: str) -> str:
+    """``src`` and, when it is in a git checkout, its commit (``-dirty`` with uncommitted changes)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", src, "describe", "--always", "--dirty", "--abbrev=10"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return src
+    commit = out.stdout.strip()
+    return f"{src} (git {commit})" if out.returncode == 0 and commit else src
+
+
 def find_sdks(args: argparse.Namespace) -> List[Sdk]:
     src = args.src
     found = _probe(args.ours, "import klime; print(klime.__version__); print(klime.__file__)", src)
@@ -809,7 +824,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"machine: {machine()}")
     print(f"python: {platform.python_implementation()} {platform.python_version()} ({sys.executable})")
     print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
-    print(f"ours: klime from {args.src}; far collector round trip {args.rtt:g} ms, +2 per new connection")
+    print(f"ours: klime from {describe_src(args.src)}; far collector round trip {args.rtt:g} ms, +2 per new connection")
     if args.quick:
         print("quick mode: fewer calls, shorter live runs, shutdown_timeout=1500 ms where the SDK has it")
 
@@ -869,6 +884,7 @@ def write_json(
         "machine": machine(),
         "command": " ".join(["python", os.path.relpath(__file__, REPO), *(sys.argv[1:])]),
         "quick": args.quick,
+        "ours_src": describe_src(args.src),
         "rtt_ms": args.rtt,
         "calls": {w.name: w.ncalls(args.quick) for w in workloads},
         "workloads": {
