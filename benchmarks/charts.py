@@ -52,7 +52,7 @@ def _fmt_time(v: float) -> str:
     if v < 1e-3:
         return f"{v * 1e6:.1f} µs" if v < 1e-4 else f"{v * 1e6:.0f} µs"
     if v < 1:
-        return f"{v * 1e3:.0f} ms"
+        return f"{v * 1e3:.1f} ms" if v < 0.01 else f"{v * 1e3:.0f} ms"
     return f"{v:.2f} s"
 
 
