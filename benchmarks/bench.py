@@ -1,18 +1,19 @@
-"""Benchmark klime against a loopback collector, optionally side by side with another SDK.
+"""Benchmark klime against a loopback collector, side by side with the reference and peer SDKs.
 
-    .venv/bin/python benchmarks/bench.py                      # our klime only
-    .venv/bin/python benchmarks/bench.py --quick              # smoke run, a few seconds
-    .venv/bin/python benchmarks/bench.py --compare /tmp/ref-venv/bin/python --runs 5
+    .venv/bin/python benchmarks/bench.py --compare --save   # everything: figures, tables, charts
+    .venv/bin/python benchmarks/bench.py                     # our klime (src/) only
+    .venv/bin/python benchmarks/bench.py --quick             # smoke run, about 10 seconds
 
-The collector (``collector.py``) runs in a process of its own. Every
-workload runs in a fresh process of the interpreter under test
-(``driver.py``), which reports JSON lines back here. With ``--compare``,
-our runs and the other interpreter's alternate, and the table shows the
-median of each figure with the ratio other/ours next to the SPEC 4 target.
-segment-analytics-python and posthog are measured too when the other
-interpreter can import them. See ``benchmarks/README.md``.
+The collector (``collector.py``) runs in a process of its own; its ``far``
+port answers one round trip late, as a distant API would. Every workload
+runs in a fresh process of the interpreter under test (``driver.py``),
+which reports JSON lines back here. With ``--compare``, the reference
+``klime==1.1.0``, Segment, PostHog and Amplitude are measured too, each
+from a venv of its own under the cache directory; our runs and theirs
+alternate, and the table shows the median of each figure with the ratio
+reference/ours next to the target. See ``benchmarks/README.md``.
 
-Standard library only.
+Standard library only (the charts run in a venv with matplotlib).
 """
 
 from __future__ import annotations
@@ -34,29 +35,38 @@ from http.client import HTTPConnection
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 DRIVER = os.path.join(HERE, "driver.py")
 COLLECTOR = os.path.join(HERE, "collector.py")
+CHARTS = os.path.join(HERE, "charts.py")
+DEFAULT_SRC = os.path.join(REPO, "src")
+LATEST = os.path.join(HERE, "results", "latest.json")
+CHARTS_DIR = os.path.join(REPO, "docs", "images")
 
 # --- what is measured -------------------------------------------------------------
 
-TIME, CPU, COUNT, BYTES = "time", "cpu", "count", "bytes"
+TIME, CPU, COUNT, BYTES, RATE = "time", "cpu", "count", "bytes", "rate"
 
 
 @dataclass(frozen=True)
 class Figure:
     key: str
     label: str
-    unit: str  # TIME, CPU (seconds per event), COUNT or BYTES
+    unit: str  # TIME, CPU (seconds per event), COUNT, BYTES or RATE (per second)
 
 
 @dataclass(frozen=True)
 class Target:
-    """A SPEC 4 target: a ratio other/ours, or an absolute bound on ours."""
+    """A performance target: a ratio reference/ours, or an absolute bound on ours."""
 
-    kind: str  # "ratio" (other/ours >= value), "below" (ours < value), "atmost" (ours <= value), "zero"
+    # "ratio" (other/ours >= value), "below" (ours < value), "atmost" (ours <= value), "zero",
+    # "pace" (ours >= value * the workload's offered rate: the app was not slowed)
+    kind: str
     value: float = 0.0
 
     def describe(self) -> str:
+        if self.kind == "pace":
+            return f">= {self.value:.0%} of offered"
         if self.kind == "ratio":
             return f">= {self.value:g}x"
         if self.kind == "below":
@@ -70,8 +80,8 @@ class Target:
 class Workload:
     name: str
     title: str
-    mode: str  # "throughput" or "failure"
-    endpoint: str  # which collector port: "ok", "refuse" or "hang"
+    mode: str  # "throughput", "live" or "failure"
+    endpoint: str  # which collector port: "ok", "far", "refuse" or "hang"
     calls: int
     quick_calls: int
     figures: Tuple[Figure, ...]
@@ -79,6 +89,20 @@ class Workload:
     queue_size: Optional[int] = None  # None: the SDK's default; -1: as many as the calls
     explicit_shutdown: bool = True
     targets: Dict[str, Target] = field(default_factory=dict)
+    # live workloads: calls per second, for how long (seconds); calls = rate * duration
+    rate: float = 0.0
+    duration: float = 0.0
+    quick_rate: float = 0.0
+    quick_duration: float = 0.0
+
+    def pace(self, quick: bool) -> Tuple[float, float]:
+        return (self.quick_rate, self.quick_duration) if quick else (self.rate, self.duration)
+
+    def ncalls(self, quick: bool) -> int:
+        if self.mode == "live":
+            rate, duration = self.pace(quick)
+            return int(rate * duration)
+        return self.quick_calls if quick else self.calls
 
 
 LATENCY = (
@@ -102,6 +126,17 @@ FAILURE = (
     Figure("exit", "then process exit took", TIME),
     Figure("lost", "events lost", COUNT),
     Figure("reported", "reported to on_error", COUNT),
+)
+LIVE = (
+    Figure("rate", "app's call rate", RATE),
+    Figure("max", "worst track()", TIME),
+    Figure("made", "calls made", COUNT),
+    Figure("delivered", "events delivered", COUNT),
+    Figure("lost", "not delivered", COUNT),
+    Figure("reported", "reported to on_error", COUNT),
+    Figure("e2e", "delivered end to end", TIME),
+    Figure("shutdown", "shutdown() took", TIME),
+    Figure("cpu_per_event", "CPU per delivered event", CPU),
 )
 EXIT_ONLY = (
     Figure("worst", "worst track()", TIME),
@@ -137,7 +172,37 @@ WORKLOADS = (
         figures=THROUGHPUT,
         batch_size=100,
         queue_size=-1,
-        targets={"cpu_per_event": Target("ratio", 4), "e2e": Target("ratio", 3.5), "lost": Target("zero")},
+        targets={"cpu_per_event": Target("ratio", 5), "e2e": Target("ratio", 4.5), "lost": Target("zero")},
+    ),
+    Workload(
+        "live",
+        "collector one round trip away, documented defaults, paced live traffic",
+        "live",
+        "far",
+        calls=0,
+        quick_calls=0,
+        figures=LIVE,
+        rate=2000,
+        duration=10,
+        quick_rate=2000,
+        quick_duration=1,
+        targets={"rate": Target("pace", 0.98), "lost": Target("zero")},
+    ),
+    Workload(
+        "live-100",
+        "collector one round trip away, max_batch_size=100, max_queue_size=10000, paced live traffic",
+        "live",
+        "far",
+        calls=0,
+        quick_calls=0,
+        figures=LIVE,
+        batch_size=100,
+        queue_size=10000,
+        rate=10000,
+        duration=5,
+        quick_rate=10000,
+        quick_duration=0.5,
+        targets={"rate": Target("pace", 0.98), "lost": Target("zero")},
     ),
     Workload(
         "refuse",
@@ -177,10 +242,11 @@ WORKLOADS = (
 
 @dataclass
 class Sdk:
-    label: str  # column name: "ours", "ref", "segment", "posthog"
+    label: str  # column name: "ours", "ref", "segment", "posthog", "amplitude"
     python: str
-    module: str  # driver adapter: "klime", "segment" or "posthog"
+    module: str  # driver adapter: "klime", "segment", "posthog" or "amplitude"
     version: str = "?"
+    pythonpath: Optional[str] = None  # ours: the source directory measured
 
 
 @dataclass
@@ -210,6 +276,8 @@ def fmt_value(v: Optional[float], unit: str, lower: bool = False) -> str:
         return prefix + text
     if unit == BYTES:
         return prefix + f"{v / 2**20:.1f} MiB"
+    if unit == RATE:
+        return prefix + f"{v:.0f}/s"
     return prefix + f"{v:.0f}"
 
 
@@ -223,9 +291,13 @@ def fmt_ratio(other: Optional[float], ours: Optional[float], other_lower: bool, 
     return (">= " if other_lower else "") + text
 
 
-def verdict(t: Target, ours: Optional[float], ours_lower: bool, other: Optional[float], other_lower: bool) -> str:
+def verdict(
+    t: Target, ours: Optional[float], ours_lower: bool, other: Optional[float], other_lower: bool, offered: float = 0.0
+) -> str:
     if ours is None:
         return "?"
+    if t.kind == "pace":
+        return "PASS" if ours >= t.value * offered else "MISS"
     if t.kind == "zero":
         return "PASS" if ours == 0 else "MISS"
     if t.kind == "below":
@@ -243,7 +315,7 @@ def verdict(t: Target, ours: Optional[float], ours_lower: bool, other: Optional[
 # --- processes ----------------------------------------------------------------------
 
 
-def _driver_env() -> Dict[str, str]:
+def _driver_env(pythonpath: Optional[str] = None) -> Dict[str, str]:
     env = dict(os.environ)
     # A proxy from the environment would put a third process between SDK and collector.
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
@@ -251,15 +323,20 @@ def _driver_env() -> Dict[str, str]:
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return env
 
 
 class Collector:
     """The collector subprocess and a small client for its control endpoints."""
 
-    def __init__(self, python: str) -> None:
+    def __init__(self, python: str, rtt_ms: float) -> None:
         self.proc = subprocess.Popen(
-            [python, COLLECTOR], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_driver_env()
+            [python, COLLECTOR, "--rtt", str(rtt_ms)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=_driver_env(),
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -274,11 +351,13 @@ class Collector:
     def control(self) -> str:
         return f"http://127.0.0.1:{self.ports['control']}"
 
-    def count(self, run: str) -> int:
+    def count(self, run: str) -> Dict[str, Any]:
+        """What the collector has of a run: ``count`` distinct events, ``first_mono``/``last_mono``."""
         conn = HTTPConnection("127.0.0.1", self.ports["control"], timeout=30)
         try:
             conn.request("GET", f"/count?run={run}")
-            return int(json.loads(conn.getresponse().read())["count"])
+            got: Dict[str, Any] = json.loads(conn.getresponse().read())
+            return got
         finally:
             conn.close()
 
@@ -331,7 +410,8 @@ def run_driver(sdk: Sdk, wl: Workload, collector: Collector, settings: Settings)
     with _run_lock:
         _run_counter[0] += 1
         run = f"{os.getpid()}-{_run_counter[0]}-{wl.name}-{sdk.label}"
-    calls = wl.quick_calls if settings.quick else wl.calls
+    calls = wl.ncalls(settings.quick)
+    rate, duration = wl.pace(settings.quick)
     cfg = {
         "sdk": sdk.module,
         "mode": wl.mode,
@@ -344,6 +424,8 @@ def run_driver(sdk: Sdk, wl: Workload, collector: Collector, settings: Settings)
         "explicit_shutdown": wl.explicit_shutdown,
         "shutdown_timeout_ms": settings.shutdown_timeout_ms,
         "wait_timeout": max(settings.cap - 5, 1),
+        "rate": rate,
+        "duration": duration,
     }
     lines = Lines()
     with tempfile.TemporaryFile() as err:
@@ -352,7 +434,7 @@ def run_driver(sdk: Sdk, wl: Workload, collector: Collector, settings: Settings)
             stdout=subprocess.PIPE,
             stderr=err,
             stdin=subprocess.DEVNULL,
-            env=_driver_env(),
+            env=_driver_env(sdk.pythonpath),
             cwd=HERE,
         )
         assert proc.stdout is not None
@@ -376,8 +458,8 @@ def run_driver(sdk: Sdk, wl: Workload, collector: Collector, settings: Settings)
         proc.stdout.close()
         err.seek(0)
         stderr = err.read().decode("utf-8", "replace")
-    delivered = collector.count(run)
-    result = _interpret(wl, calls, lines, delivered, exited[0] if killed_at is None else None, killed_at)
+    got = collector.count(run)
+    result = _interpret(wl, calls, lines, got, exited[0] if killed_at is None else None, killed_at)
     info = lines.last("info")
     if info is not None:
         sdk.version = info.get("version", sdk.version)
@@ -394,13 +476,16 @@ def _interpret(
     wl: Workload,
     calls: int,
     lines: Lines,
-    delivered: int,
+    got: Dict[str, Any],
     exited_at: Optional[float],
     killed_at: Optional[float],
 ) -> Result:
     r = Result()
+    delivered = int(got["count"])
     r.values["lost"] = float(calls - delivered)
     tracked = lines.last("tracked")
+    if wl.mode == "live":
+        return _interpret_live(r, lines, got)
     if tracked is not None:
         lat = tracked["latency"]
         for key in ("median", "mean", "p99", "p999", "max"):
@@ -447,34 +532,125 @@ def _interpret(
     return r
 
 
+def _interpret_live(r: Result, lines: Lines, got: Dict[str, Any]) -> Result:
+    delivered = int(got["count"])
+    r.values["delivered"] = float(delivered)
+    tracked = lines.last("tracked")
+    if tracked is None:
+        r.values.pop("lost", None)
+        return r
+    made = int(tracked["made"])
+    r.values["made"] = float(made)
+    r.values["lost"] = float(made - delivered)
+    r.values["rate"] = made / tracked["seconds"]
+    if tracked.get("latency"):
+        r.values["max"] = tracked["latency"]["max"] / 1e9
+    if got.get("last_mono") is not None:
+        r.values["e2e"] = got["last_mono"] - tracked["mono0"]
+    end = lines.last("live")
+    if end is not None:
+        r.values["shutdown"] = end["seconds"] if "seconds" in end else end["shutdown"]
+        r.values["cpu_per_event"] = end["cpu"] / delivered if delivered else None
+        reported = end["reported"]
+        hook = lines.last("atexit")
+        if hook is not None:  # reports that came after shutdown() returned
+            reported = max(reported, hook["reported"])
+        r.values["reported"] = float(reported)
+    return r
+
+
 # --- the whole benchmark -----------------------------------------------------------
 
 
-def _probe(python: str, code: str) -> Optional[str]:
+# Every SDK but ours gets a venv of its own under the cache directory (the
+# reference shares our import name; the others' dependencies must not meet).
+# Pinned, so that a figure can be traced to a release.
+PEERS: Dict[str, Tuple[str, str]] = {
+    # label: (pip requirement, driver adapter)
+    "ref": ("klime==1.1.0", "klime"),
+    "segment": ("segment-analytics-python==2.4.0", "segment"),
+    "posthog": ("posthog==7.91.1", "posthog"),
+    "amplitude": ("amplitude-analytics==1.3.0", "amplitude"),
+}
+CHARTS_REQUIREMENT = "matplotlib>=3.8,<4"
+MARKER = "klime-bench-requirement.txt"
+
+
+def default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "klime-bench")
+
+
+def ensure_venv(cache: str, name: str, requirement: str) -> str:
+    """The interpreter of ``cache``/venvs/``name``, created and ``pip install``-ed once."""
+    path = os.path.join(cache, "venvs", name)
+    python = os.path.join(path, "bin", "python")
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker) as f:
+            if f.read().strip() == requirement and os.path.exists(python):
+                return python
+    except OSError:
+        pass
+    print(f"bench: setting up {path} ({requirement})", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", path], check=True)
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", requirement],
+        check=True,
+        env=_driver_env(),
+    )
+    with open(marker, "w") as f:
+        f.write(requirement + "\n")
+    return python
+
+
+def _probe(python: str, code: str, pythonpath: Optional[str] = None) -> Optional[str]:
     try:
         out = subprocess.run(
-            [python, "-c", code], capture_output=True, text=True, timeout=60, env=_driver_env(), cwd=HERE
+            [python, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_driver_env(pythonpath),
+            cwd=HERE,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def describe_src(src: str) -> str:
+    """``src`` and, when it is in a git checkout, its commit (``-dirty`` with uncommitted changes)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", src, "describe", "--always", "--dirty", "--abbrev=10"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return src
+    commit = out.stdout.strip()
+    return f"{src} (git {commit})" if out.returncode == 0 and commit else src
+
+
 def find_sdks(args: argparse.Namespace) -> List[Sdk]:
-    ours_version = _probe(args.ours, "import klime; print(klime.__version__)")
-    if ours_version is None:
-        raise SystemExit(f"bench: {args.ours} cannot import klime")
-    sdks = [Sdk("ours", args.ours, "klime", ours_version)]
+    src = args.src
+    found = _probe(args.ours, "import klime; print(klime.__version__); print(klime.__file__)", src)
+    if found is None:
+        raise SystemExit(f"bench: {args.ours} cannot import klime with PYTHONPATH={src}")
+    version, _, where = found.partition("\n")
+    if not os.path.realpath(where).startswith(os.path.realpath(src) + os.sep):
+        raise SystemExit(f"bench: klime comes from {where}, not from {src}")
+    sdks = [Sdk("ours", args.ours, "klime", version, pythonpath=src)]
     if args.compare:
-        ref_version = _probe(args.compare, "import klime; print(getattr(klime, '__version__', '?'))")
-        if ref_version is None:
-            raise SystemExit(f"bench: {args.compare} cannot import klime")
-        sdks.append(Sdk("ref", args.compare, "klime", ref_version))
-        if not args.no_others:
-            if _probe(args.compare, "import segment.analytics") is not None:
-                sdks.append(Sdk("segment", args.compare, "segment"))
-            if _probe(args.compare, "import posthog") is not None:
-                sdks.append(Sdk("posthog", args.compare, "posthog"))
+        for label in args.peers:
+            requirement, module = PEERS[label]
+            if label == "ref" and args.ref_python:
+                python = args.ref_python
+            else:
+                python = ensure_venv(args.cache_dir, label, requirement)
+            sdks.append(Sdk(label, python, module, requirement.partition("==")[2] or "?"))
     return sdks
 
 
@@ -500,13 +676,19 @@ def median_of(results: Sequence[Result], key: str) -> Tuple[Optional[float], boo
     return statistics.median(present), any(r.lower.get(key, False) for r in results)
 
 
-def report(sdks: List[Sdk], results: Dict[Tuple[str, str], List[Result]], workloads: Sequence[Workload]) -> bool:
+def report(
+    sdks: List[Sdk],
+    results: Dict[Tuple[str, str], List[Result]],
+    workloads: Sequence[Workload],
+    quick: bool,
+) -> bool:
     """Print one table per workload; True when every target that could be judged passed."""
     all_pass = True
     has_ref = any(s.label == "ref" for s in sdks)
     others = [s for s in sdks if s.label not in ("ours", "ref")]
     for wl in workloads:
         runs = len(results.get((wl.name, "ours"), []))
+        rate, duration = wl.pace(quick)
         header = ["figure", "ours"]
         if has_ref:
             header += ["ref", "ref/ours"]
@@ -526,7 +708,7 @@ def report(sdks: List[Sdk], results: Dict[Tuple[str, str], List[Result]], worklo
             if target is None:
                 row += ["", ""]
             else:
-                v = verdict(target, ours, ours_lb, ref, ref_lb)
+                v = verdict(target, ours, ours_lb, ref, ref_lb, rate)
                 if target.kind == "ratio" and not has_ref:
                     v = ""
                 all_pass = all_pass and v != "MISS"
@@ -535,7 +717,8 @@ def report(sdks: List[Sdk], results: Dict[Tuple[str, str], List[Result]], worklo
                 val, lb = median_of(results.get((wl.name, s.label), []), fig.key)
                 row.append(fmt_value(val, fig.unit, lb))
             rows.append(row)
-        print(f"\n== {wl.name}: {wl.title} ({runs} run{'s' if runs != 1 else ''}, median)")
+        what = f"{wl.title}: {rate:.0f} calls/s for {duration:g} s" if wl.mode == "live" else wl.title
+        print(f"\n== {wl.name}: {what} ({runs} run{'s' if runs != 1 else ''}, median)")
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for i, row in enumerate(rows):
             cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
@@ -551,10 +734,24 @@ def report(sdks: List[Sdk], results: Dict[Tuple[str, str], List[Result]], worklo
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare", metavar="PYTHON", help="interpreter whose klime is the SDK to compare against")
-    p.add_argument("--ours", metavar="PYTHON", default=sys.executable, help="interpreter with our klime (this one)")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also measure the reference klime==1.1.0, Segment, PostHog and Amplitude (venvs under --cache-dir)",
+    )
+    p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="with --compare, which of: " + ", ".join(PEERS) + " (all)",
+    )
+    p.add_argument("--ref-python", metavar="PYTHON", help="interpreter with klime==1.1.0, instead of a cached venv")
+    p.add_argument("--cache-dir", default=default_cache(), help="where the venvs go (%(default)s)")
+    p.add_argument("--src", default=DEFAULT_SRC, help="source directory of the klime measured as ours (%(default)s)")
+    p.add_argument("--ours", metavar="PYTHON", default=sys.executable, help="interpreter for ours (this one)")
     p.add_argument("--runs", type=int, default=None, help="runs of the default and burst workloads (5; quick: 1)")
+    p.add_argument("--live-runs", type=int, default=1, help="runs of the live workloads (1)")
     p.add_argument("--failure-runs", type=int, default=1, help="runs of the refuse/hang workloads (1)")
+    p.add_argument("--rtt", type=float, default=50.0, help="round trip to the far collector, ms (50)")
     p.add_argument("--cap", type=float, default=None, help="seconds one driver process may take (90; quick: 20)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer calls, short shutdown timeout, one run")
     p.add_argument(
@@ -562,16 +759,41 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=",".join(w.name for w in WORKLOADS),
         help="comma-separated subset of: " + ", ".join(w.name for w in WORKLOADS),
     )
-    p.add_argument("--no-others", action="store_true", help="do not run segment and posthog")
     p.add_argument("--json", metavar="PATH", help="also write every run's figures here")
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help=f"write the figures to {os.path.relpath(LATEST, REPO)} and draw the charts",
+    )
+    p.add_argument(
+        "--charts", action="store_true", help="draw the charts from the figures written (needs --json/--save)"
+    )
+    p.add_argument(
+        "--charts-only",
+        action="store_true",
+        help="measure nothing: draw the charts from --json (default: the saved figures)",
+    )
+    p.add_argument("--charts-dir", default=CHARTS_DIR, help="where the PNGs go (%(default)s)")
     p.add_argument("--verbose", action="store_true", help="show each driver's stderr")
     args = p.parse_args(argv)
-    # Drivers run in this directory: make a relative interpreter path absolute
-    # (not resolved: a venv's python is a symlink that must stay one).
-    for name in ("compare", "ours"):
+    # Drivers run in this directory: make relative paths absolute (an
+    # interpreter's not resolved: a venv's python is a symlink that must stay one).
+    for name in ("ref_python", "ours"):
         path = getattr(args, name)
         if path:
             setattr(args, name, os.path.abspath(path) if os.sep in path else shutil.which(path) or path)
+    args.src = os.path.abspath(args.src)
+    args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    unknown = set(args.peers) - set(PEERS)
+    if unknown:
+        p.error(f"unknown peer(s): {', '.join(sorted(unknown))}")
+    if args.save:
+        args.json = args.json or LATEST
+        args.charts = True
+    if args.charts_only:
+        args.json = args.json or LATEST
+    if args.charts and not args.json:
+        p.error("--charts needs --json PATH or --save")
     if args.runs is None:
         args.runs = 1 if args.quick else 5
     if args.cap is None:
@@ -579,8 +801,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def draw_charts(args: argparse.Namespace) -> None:
+    """Run charts.py in a venv with matplotlib (never a dependency of klime itself)."""
+    python = ensure_venv(args.cache_dir, "charts", CHARTS_REQUIREMENT)
+    subprocess.run([python, CHARTS, args.json, args.charts_dir], check=True, env=_driver_env())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.charts_only:
+        draw_charts(args)
+        return 0
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = set(names) - {w.name for w in WORKLOADS}
     if unknown:
@@ -593,20 +824,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"machine: {machine()}")
     print(f"python: {platform.python_implementation()} {platform.python_version()} ({sys.executable})")
     print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
+    print(f"ours: klime from {describe_src(args.src)}; far collector round trip {args.rtt:g} ms, +2 per new connection")
     if args.quick:
-        print("quick mode: fewer calls, shutdown_timeout=1500 ms where the SDK has it")
+        print("quick mode: fewer calls, shorter live runs, shutdown_timeout=1500 ms where the SDK has it")
 
     results: Dict[Tuple[str, str], List[Result]] = {}
-    collector = Collector(sys.executable)
+    collector = Collector(sys.executable, args.rtt)
     started = time.monotonic()
     try:
         comparison = [s for s in sdks if s.label != "ours"]
-        for i in range(args.runs):
-            # Alternate who goes first so that neither side always runs on a warmer machine.
-            order = [sdks[0], *comparison] if i % 2 == 0 else [*comparison, sdks[0]]
-            for wl in (w for w in workloads if w.mode == "throughput"):
-                for sdk in order:
-                    _run_one(sdk, wl, collector, settings, results, f"run {i + 1}/{args.runs}")
+        for mode, runs in (("throughput", args.runs), ("live", args.live_runs)):
+            for i in range(runs):
+                # Alternate who goes first so that neither side always runs on a warmer machine.
+                order = [sdks[0], *comparison] if i % 2 == 0 else [*comparison, sdks[0]]
+                for wl in (w for w in workloads if w.mode == mode):
+                    for sdk in order:
+                        _run_one(sdk, wl, collector, settings, results, f"{mode} run {i + 1}/{runs}")
         for i in range(args.failure_runs):
             for wl in (w for w in workloads if w.mode == "failure"):
                 # Ours alone, so that its worst latency is not disturbed; the
@@ -619,24 +852,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         )
     finally:
         collector.close()
+    took = time.monotonic() - started
     print("sdks: " + ", ".join(f"{s.label}={s.module} {s.version} ({s.python})" for s in sdks))
-    print(f"took {time.monotonic() - started:.0f} s")
-    ok = report(sdks, results, workloads)
+    print(f"took {took:.0f} s")
+    ok = report(sdks, results, workloads, args.quick)
     if args.json:
-        dump = {
-            "machine": machine(),
-            "quick": args.quick,
-            "calls": {w.name: w.quick_calls if args.quick else w.calls for w in workloads},
-            "sdks": [s.__dict__ for s in sdks],
-            "results": {f"{w}/{label}": [r.__dict__ for r in rs] for (w, label), rs in results.items()},
-        }
-        with open(args.json, "w") as f:
-            json.dump(dump, f, indent=1)
+        write_json(args, sdks, results, workloads)
+        print(f"\nfigures written to {args.json}")
     verdict_line = "all targets met" if ok else "some targets missed"
     if not args.compare:
         verdict_line += " (ratio targets need --compare)"
     print("\n" + verdict_line)
+    if args.charts:
+        draw_charts(args)
     return 0
+
+
+def write_json(
+    args: argparse.Namespace,
+    sdks: List[Sdk],
+    results: Dict[Tuple[str, str], List[Result]],
+    workloads: Sequence[Workload],
+) -> None:
+    summary: Dict[str, Dict[str, Dict[str, Optional[float]]]] = {}
+    for wl in workloads:
+        for sdk in sdks:
+            rs = results.get((wl.name, sdk.label), [])
+            summary.setdefault(wl.name, {})[sdk.label] = {f.key: median_of(rs, f.key)[0] for f in wl.figures}
+    dump = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "command": " ".join(["python", os.path.relpath(__file__, REPO), *(sys.argv[1:])]),
+        "quick": args.quick,
+        "ours_src": describe_src(args.src),
+        "rtt_ms": args.rtt,
+        "calls": {w.name: w.ncalls(args.quick) for w in workloads},
+        "workloads": {
+            w.name: {
+                "title": w.title,
+                "mode": w.mode,
+                "rate": w.pace(args.quick)[0],
+                "duration": w.pace(args.quick)[1],
+                "calls": w.ncalls(args.quick),
+                "figures": [{"key": f.key, "label": f.label, "unit": f.unit} for f in w.figures],
+            }
+            for w in workloads
+        },
+        "sdks": [s.__dict__ for s in sdks],
+        "summary": summary,
+        "results": {f"{w}/{label}": [r.__dict__ for r in rs] for (w, label), rs in results.items()},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(dump, f, indent=1)
+        f.write("\n")
 
 
 def _run_one(

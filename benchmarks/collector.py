@@ -1,7 +1,7 @@
 """The loopback collector the benchmark sends to; runs in a process of its own.
 
 Started by ``bench.py``; prints one JSON line with its ports, then serves
-until it is terminated. Four ports:
+until it is terminated. Five ports:
 
 * ``ok``: accepts any batch POST over HTTP/1.1 keep-alive and counts the
   distinct events received per run. The run is the first path segment
@@ -11,6 +11,12 @@ until it is terminated. Four ports:
   not ``http.server``: it shares the machine with the SDK being measured,
   so each request must cost it as little as possible, and ``http.server``
   spends most of a request parsing headers with the ``email`` package.
+* ``far``: the same, as if the collector were far away (a distant API):
+  each request is answered one round trip (``--rtt``, 50 ms by default)
+  after the collector has read it, and a new connection is not read from
+  until two round trips after it was accepted, the cost of the TCP and
+  TLS handshakes. An event counts as delivered when the collector has
+  read it.
 * ``control``: ``GET /wait?run=..&n=..&timeout=..`` blocks until the run has
   ``n`` events, so that a driver learns of complete delivery without
   spending CPU on polling; ``GET /count?run=..`` reports the totals.
@@ -23,8 +29,10 @@ Standard library only.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
+import heapq
 import json
 import re
 import selectors
@@ -34,7 +42,7 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 MAX_HEAD = 64 * 1024
@@ -103,11 +111,14 @@ class Tally:
         }
 
 
-# Klime and Segment call the event id messageId, PostHog uuid; json.dumps
+# Klime and Segment call the event id messageId, PostHog uuid, Amplitude
+# insert_id; json.dumps
 # with default separators puts a space after the colon. One simple pattern
 # per spelling is several times faster than one pattern for all of them.
 _ID_PATTERNS = [
-    re.compile(b'"' + key + b'":' + space + b'"([^"]*)"') for key in (b"messageId", b"uuid") for space in (b"", b" ")
+    re.compile(b'"' + key + b'":' + space + b'"([^"]*)"')
+    for key in (b"messageId", b"uuid", b"insert_id")
+    for space in (b"", b" ")
 ]
 
 
@@ -137,13 +148,13 @@ def scan_ids(body: bytes) -> List[str]:
 def event_ids(body: bytes) -> List[str]:
     """The event ids in a batch body, from the parsed JSON (which must be valid)."""
     obj = json.loads(body)
-    batch = obj.get("batch") if isinstance(obj, dict) else obj
+    batch = (obj.get("batch") or obj.get("events")) if isinstance(obj, dict) else obj
     if not isinstance(batch, list):
         return []
     ids = []
     for ev in batch:
         if isinstance(ev, dict):
-            mid = ev.get("messageId") or ev.get("uuid")
+            mid = ev.get("messageId") or ev.get("uuid") or ev.get("insert_id")
             if isinstance(mid, str):
                 ids.append(mid)
     return ids
@@ -169,28 +180,66 @@ def _response(status: int, obj: Dict[str, Any], close: bool = False) -> bytes:
 
 
 class _Ingest:
-    """The ``ok`` port: an HTTP/1.1 keep-alive event loop that counts batch events."""
+    """An ``ok`` or ``far`` port: an HTTP/1.1 keep-alive event loop that counts batch events.
 
-    def __init__(self, tally: Tally) -> None:
+    With ``rtt`` > 0 (the ``far`` port), every answer is held back for one
+    round trip after its request was read, and a new connection is left
+    unread for ``handshake_rtts`` round trips after it was accepted. The
+    waits are timers in this one loop, so any number of connections can be
+    waiting at once (as they would be on a real network) at no CPU cost.
+    """
+
+    def __init__(self, tally: Tally, rtt: float = 0.0, handshake_rtts: int = 2) -> None:
         self.tally = tally
+        self.rtt = rtt
+        self.handshake = rtt * handshake_rtts
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
+        self.sock.listen(1024)
         self._sel = selectors.DefaultSelector()
         self._buffers: Dict[socket.socket, bytearray] = {}
         self._checked: Set[str] = set()
+        # (due, seq, socket, reply or None to start reading, close after the reply)
+        self._timers: List[Tuple[float, int, socket.socket, Optional[bytes], bool]] = []
+        self._seq = 0
+        self._last_due: Dict[socket.socket, float] = {}
 
     def serve_forever(self) -> None:
         self._sel.register(self.sock, selectors.EVENT_READ)
         while True:
-            for key, _ in self._sel.select():
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            for key, _ in self._sel.select(timeout):
                 s = key.fileobj
                 assert isinstance(s, socket.socket)
                 if s is self.sock:
                     self._accept()
-                else:
+                elif s in self._buffers:
                     self._readable(s)
+            self._run_timers()
+
+    def _later(self, due: float, s: socket.socket, reply: Optional[bytes], close: bool) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (due, self._seq, s, reply, close))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, s, reply, close = heapq.heappop(self._timers)
+            if s not in self._buffers:
+                continue  # the client gave up on this connection meanwhile
+            if reply is None:
+                self._sel.register(s, selectors.EVENT_READ)  # the handshakes are over
+                continue
+            try:
+                s.sendall(reply)
+            except OSError:
+                self._close(s)
+                continue
+            if close:
+                self._close(s)
 
     def _accept(self) -> None:
         conn, _ = self.sock.accept()
@@ -198,12 +247,39 @@ class _Ingest:
         # client's delayed ACK.
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffers[conn] = bytearray()
-        self._sel.register(conn, selectors.EVENT_READ)
+        if self.handshake > 0:
+            due = time.monotonic() + self.handshake
+            self._last_due[conn] = due
+            self._later(due, conn, None, False)
+        else:
+            self._sel.register(conn, selectors.EVENT_READ)
 
     def _close(self, s: socket.socket) -> None:
-        self._sel.unregister(s)
-        self._buffers.pop(s, None)
-        s.close()
+        if s in self._buffers:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(s)
+            del self._buffers[s]
+            self._last_due.pop(s, None)
+            s.close()
+
+    def _send(self, s: socket.socket, reply: bytes, close: bool) -> bool:
+        """Answer now, or one round trip from now on the far port; False if the connection is gone."""
+        if self.rtt <= 0:
+            s.sendall(reply)
+            if close:
+                self._close(s)
+                return False
+            return True
+        # Answers on one connection leave in order.
+        due = max(time.monotonic() + self.rtt, self._last_due.get(s, 0.0))
+        self._last_due[s] = due
+        self._later(due, s, reply, close)
+        if close:
+            # Read nothing more from it; the timer sends the answer, then closes.
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(s)
+            return False
+        return True
 
     def _readable(self, s: socket.socket) -> None:
         try:
@@ -229,17 +305,15 @@ class _Ingest:
                 headers[name.strip().lower()] = value.strip()
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 # No SDK measured here sends chunked bodies; say so rather than hang.
-                s.sendall(_response(411, {"status": "error"}, close=True))
-                self._close(s)
+                self._send(s, _response(411, {"status": "error"}, close=True), close=True)
                 return
             length = int(headers.get("content-length") or 0)
             if len(buf) < end + 4 + length:
                 return  # the rest of the body is still on its way
             body = bytes(buf[end + 4 : end + 4 + length])
             del buf[: end + 4 + length]
-            s.sendall(self._handle(method, target, headers, body))
-            if headers.get("connection", "").lower() == "close":
-                self._close(s)
+            close = headers.get("connection", "").lower() == "close"
+            if not self._send(s, self._handle(method, target, headers, body), close):
                 return
 
     def _handle(self, method: str, target: str, headers: Dict[str, str], body: bytes) -> bytes:
@@ -260,7 +334,8 @@ class _Ingest:
         except (ValueError, OSError, EOFError, zlib.error):
             return _response(400, {"status": "error", "accepted": 0, "failed": 0})
         self.tally.add(run, ids)
-        return _response(200, {"status": "ok", "accepted": len(ids), "failed": 0})
+        # "code" is what Amplitude's SDK reads; the others ignore it.
+        return _response(200, {"status": "ok", "accepted": len(ids), "failed": 0, "code": 200})
 
 
 class _ControlHandler(BaseHTTPRequestHandler):
@@ -316,9 +391,13 @@ def _serve_hang(sock: socket.socket) -> None:
                 s.close()
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="the benchmark's loopback collector")
+    p.add_argument("--rtt", type=float, default=50.0, help="round trip of the far port, ms (50)")
+    args = p.parse_args(argv)
     tally = Tally()
     ingest = _Ingest(tally)
+    far = _Ingest(tally, rtt=args.rtt / 1000.0)
     control = _ControlServer(tally)
 
     hang = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -331,9 +410,11 @@ def main() -> None:
     refuse.bind(("127.0.0.1", 0))
 
     threading.Thread(target=ingest.serve_forever, name="ingest", daemon=True).start()
+    threading.Thread(target=far.serve_forever, name="far", daemon=True).start()
     threading.Thread(target=_serve_hang, args=(hang,), name="hang", daemon=True).start()
     ports = {
         "ok": ingest.sock.getsockname()[1],
+        "far": far.sock.getsockname()[1],
         "control": control.server_address[1],
         "hang": hang.getsockname()[1],
         "refuse": refuse.getsockname()[1],

@@ -3,7 +3,7 @@
 ``bench.py`` starts ``PYTHON driver.py CONFIG_JSON`` and reads JSON lines
 from stdout. Only the standard library and the SDK being measured are
 imported, so the same file drives our ``klime``, the reference ``klime``
-from PyPI, ``segment.analytics`` and ``posthog``.
+from PyPI, ``segment.analytics``, ``posthog`` and ``amplitude``.
 
 Lines printed (``kind`` says which):
 
@@ -12,9 +12,13 @@ Lines printed (``kind`` says which):
   a call took long (failure workloads only; a watchdog thread prints the
   first, so that a call that never returns still leaves a lower bound
   behind when the parent kills us at its time cap).
-* ``tracked``: per-call latencies of the loop, in nanoseconds, summarised.
+* ``tracked``: per-call latencies of the loop, in nanoseconds, summarised
+  (live workloads: also the calls made, when the loop started and how long
+  it ran).
 * ``shutdown_start`` / ``shutdown``: around an explicit ``shutdown()``.
 * ``delivered``: what the collector had once it had everything (or gave up).
+* ``live``: after the paced loop and ``shutdown()``: CPU, shutdown time,
+  events reported to the error callback.
 * ``done``: ``main()`` is returning; the rest is interpreter exit.
 * ``atexit``: the last exit hook ran (SDK hooks registered later ran first).
 """
@@ -128,7 +132,29 @@ def _posthog(cfg: Dict[str, Any]) -> Adapter:
     return track, client.shutdown, "posthog", getattr(posthog, "VERSION", "?")
 
 
-ADAPTERS = {"klime": _klime, "segment": _segment, "posthog": _posthog}
+def _amplitude(cfg: Dict[str, Any]) -> Adapter:
+    from amplitude import Amplitude, BaseEvent, Config  # type: ignore[import-not-found]
+    from amplitude.constants import SDK_VERSION  # type: ignore[import-not-found]
+
+    def callback(_event: Any, code: int, _message: Any = None) -> None:
+        # Called once per event with the outcome; anything but 200 is a failure.
+        if code != 200:
+            _reported[0] += 1
+
+    opts: Dict[str, Any] = {"server_url": cfg["endpoint"] + "/2/httpapi", "callback": callback}
+    if cfg.get("batch_size"):
+        opts["flush_queue_size"] = cfg["batch_size"]
+    # Amplitude has no bound on its queue, so queue_size has nothing to map to.
+    client = Amplitude("bench-write-key", Config(**opts))
+    _clients.append(client)
+
+    def track(event: str, properties: Dict[str, Any], user_id: str) -> None:
+        client.track(BaseEvent(event, user_id=user_id, event_properties=properties))
+
+    return track, client.shutdown, "amplitude", SDK_VERSION
+
+
+ADAPTERS = {"klime": _klime, "segment": _segment, "posthog": _posthog, "amplitude": _amplitude}
 
 
 # --- measuring ------------------------------------------------------------------
@@ -267,12 +293,67 @@ def failure(cfg: Dict[str, Any], track: Track, shutdown: Callable[[], Any]) -> N
         emit("shutdown", seconds=time.perf_counter() - t)
 
 
+def _paced(track: Track, rate: float, duration: float) -> Dict[str, Any]:
+    """Calls at ``rate`` per second for ``duration`` seconds, as live traffic would arrive.
+
+    The calls due so far are made every millisecond or so (sleeping in
+    between); a caller held up by the SDK then makes the calls that fell
+    due meanwhile back to back, as an application works off the requests
+    that queued up, until ``duration`` is over. Calls the SDK kept it from
+    making in time are never made: the rate achieved is the figure.
+    """
+    lat: List[int] = []
+    users = USERS
+    nusers = len(users)
+    clock = time.perf_counter
+    clock_ns = time.perf_counter_ns
+    sleep = time.sleep
+    total = int(rate * duration)
+    mono0 = time.monotonic()
+    start = clock()
+    end = start + duration
+    i = 0
+    while i < total:
+        now = clock()
+        if now >= end:
+            break
+        due = min(total, int((now - start) * rate) + 1)
+        if i >= due:
+            sleep(min(0.001, start + i / rate - now))
+            continue
+        while i < due:
+            p, u = _props(i), users[i % nusers]
+            t0 = clock_ns()
+            track(EVENT_NAME, p, u)
+            lat.append(clock_ns() - t0)
+            i += 1
+            if clock() >= end:
+                break
+    # Ahead of schedule the loop ends with the last call; the rate is over the whole window.
+    elapsed = max(clock() - start, duration)
+    return {"made": i, "seconds": elapsed, "mono0": mono0, "lat": lat}
+
+
+def live(cfg: Dict[str, Any], track: Track, shutdown: Callable[[], Any]) -> None:
+    """Paced calls against the far collector, then shutdown(); bench.py counts what arrived."""
+    cpu0 = _cpu()
+    got = _paced(track, cfg["rate"], cfg["duration"])
+    lat = got.pop("lat")
+    emit("tracked", latency=_summary(lat) if lat else None, **got)
+    t = time.perf_counter()
+    shutdown()
+    shutdown_s = time.perf_counter() - t
+    emit("live", cpu=_cpu() - cpu0, shutdown=shutdown_s, reported=_reported[0], maxrss=_maxrss_bytes())
+
+
 def main() -> None:
     cfg: Dict[str, Any] = json.loads(sys.argv[1])
     track, shutdown, name, version = ADAPTERS[cfg["sdk"]](cfg)
     emit("info", sdk=name, version=str(version), python=sys.version.split()[0])
     if cfg["mode"] == "throughput":
         throughput(cfg, track, shutdown)
+    elif cfg["mode"] == "live":
+        live(cfg, track, shutdown)
     else:
         failure(cfg, track, shutdown)
     emit("done", mono=time.monotonic())
