@@ -35,6 +35,11 @@ SHUTDOWN_RESERVE = 0.1
 REPORT_GRACE = 1.0
 # A lane beyond the first that had nothing to send for this long ends.
 LANE_IDLE = 10.0
+# More lanes open only when a request takes at least this long: then the
+# lanes wait on the network and more of them raise throughput. On a nearby
+# server a request is mostly CPU, and more threads would only contend for
+# the GIL (docs/design.md, "Lanes").
+LANE_LATENCY = 0.008
 
 
 class _Direct:
@@ -86,6 +91,9 @@ class Worker:
         self._lanes = 0
         self._idle = 0
         self._healthy = True  # the last request succeeded: more lanes may open
+        # How long the last few successful requests took; the shortest is the
+        # network's share (a longer one may have waited for the CPU).
+        self._latencies: Deque[float] = deque(maxlen=4)
         self._last_cause: Optional[str] = None
         self._threads: Dict[int, str] = {}  # ident -> role, for "called from a callback" checks
         self._signals: Dict[Batch, threading.Event] = {}  # cuts a claimed batch's retry wait short
@@ -307,7 +315,9 @@ class Worker:
                     )
                     pause = self._sender.paused()
                     free = self._idle > len(self._ready)
-                    can_open = self._lanes < self._max_lanes and (self._lanes == 0 or self._healthy)
+                    can_open = self._lanes == 0 or (
+                        self._lanes < self._max_lanes and self._healthy and self._slow_network()
+                    )
                     if due and pause <= 0 and (free or can_open):
                         batch = ledger.take_batch(self._batch_size)
                         assert batch is not None
@@ -339,6 +349,10 @@ class Worker:
                 self._finish_drops(drops)
             if start_lane:
                 self._start_lane()
+
+    def _slow_network(self) -> bool:
+        """Whether requests wait on the network long enough for more lanes to help (lock held)."""
+        return len(self._latencies) >= 3 and min(self._latencies) >= LANE_LATENCY
 
     def _finish_drops(self, drops: Batch) -> None:
         try:
@@ -604,10 +618,12 @@ class Worker:
         undelivered: List[Event] = list(prep.events)
         if isinstance(outcome, BatchResponse):
             undelivered = self._rejected(outcome, prep.events)
+        took = monotonic() - started
         with self._lock:
             claimed = not self.ledger.decide(batch, undelivered)
             if isinstance(outcome, BatchResponse):
                 self._healthy = True
+                self._latencies.append(took)
         if claimed:
             if isinstance(outcome, BatchResponse):
                 self._logger.info(
