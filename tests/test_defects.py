@@ -8,51 +8,31 @@ group that is killed whole if it outlives its bound.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import multiprocessing
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
 from klime import KlimeClient, SendError
 
-from .conftest import Recorder
+from .conftest import WAIT_FOR_CHILD, Recorder, run_python
 from .servers import Collector, RawServer, refused_url, wait_until
 
 MakeClient = Callable[..., KlimeClient]
 RawServers = Callable[..., RawServer]
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def run_script(code: str, *args: str, timeout: float = 60.0, env: Optional[Dict[str, str]] = None
-) -> Tuple[int, str, str, float]:
-    """Run ``code`` in a fresh interpreter in its own process group; kill the group on timeout."""
-    full_env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+def run_script(code: str, *args: str, timeout: float = 60.0) -> Tuple[int, str, str, float]:
+    """``run_python`` (own process group, killed whole on timeout), timed."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the script ran past {timeout}s (killed)\nstdout:\n{out}\nstderr:\n{err}")
-    return proc.returncode, out, err, time.monotonic() - t0
+    proc = run_python(code, *args, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0
 
 
 # --- 1. a signal handler or logging handler that calls the client ----------------------------
@@ -402,3 +382,83 @@ def test_failure_logs_name_the_cause_at_their_own_level(
     assert "shutdown timed out" in message and "Connection refused" in message, message
     formatted = logging.Formatter("%(name)s: %(message)s").format(failures[0])
     assert "klime: klime" not in formatted and not failures[0].getMessage().startswith("klime:")
+
+
+# --- 3. a fork made from C -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_c_level_fork_child_with_threads_racing_on_their_first_calls(raw_servers: RawServers) -> None:
+    """Hooks do not run: the first calls of several threads find the parent's state, once."""
+    server = raw_servers()
+    code, out, err, _ = run_script(
+        WAIT_FOR_CHILD
+        + """
+import ctypes, json, os, sys, threading
+from klime import KlimeClient
+
+url = sys.argv[1]
+client = KlimeClient("test-write-key", url, flush_interval=60000, max_batch_size=10)
+client.track_sync("Parent Sync", user_id="parent")  # a kept-alive connection the child must not reuse
+for i in range(25):
+    client.track("Parent", {"i": i}, user_id="parent")
+client.flush(timeout=10)
+# Forking while other threads are running Python code is unsafe in CPython
+# itself after a fork from C (its own locks are not reset), so the parent's
+# threads are idle here, as in a uWSGI master; these stay queued, unsent.
+for i in range(5):
+    client.track("Parent Queued", {"i": i}, user_id="parent")
+import time
+time.sleep(0.3)  # let the sending threads settle into their waits
+
+results = []
+for round_ in range(5):
+    pid = ctypes.PyDLL(None).fork()
+    if pid == 0:
+        try:
+            start = threading.Barrier(6)
+            out = []
+
+            def first_call(k):
+                start.wait()
+                if k == 0:
+                    out.append(("sync", client.track_sync("Child Sync", {"r": round_}, user_id="child").accepted))
+                elif k == 1:
+                    out.append(("flush", client.flush(timeout=10)))
+                else:
+                    for i in range(5):
+                        client.track("Child", {"r": round_, "k": k, "i": i}, user_id="child")
+                    out.append(("track", k))
+
+            threads = [threading.Thread(target=first_call, args=(k,)) for k in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            ok = client.shutdown(timeout=10)
+            sys.stdout.write(json.dumps({"round": round_, "out": sorted(map(list, out)), "ok": ok}) + "\\n")
+            sys.stdout.flush()
+        finally:
+            os._exit(0)
+    results.append(wait_for_child(pid))
+print(json.dumps({"parent": client.flush(timeout=10), "children": results}))
+""",
+        server.url,
+        timeout=120,
+    )
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    children, summary = lines[:-1], lines[-1]
+    assert summary == {"parent": True, "children": [0, 0, 0, 0, 0]}, (summary, err)
+    assert len(children) == 5
+    for child in children:
+        assert child["ok"] is True
+        assert (["sync", 1] in child["out"] and ["flush", True] in child["out"]) or ["flush", False] not in child["out"]
+    events = [ev for req in server.requests for ev in req.json()["batch"]]
+    names = sorted(e["event"] for e in events)
+    # Each child: its own sync event and 4 threads x 5 tracks, once; the parent's 25 + 1, once.
+    assert names.count("Child Sync") == 5
+    assert names.count("Child") == 5 * 4 * 5
+    assert names.count("Parent") == 25 and names.count("Parent Sync") == 1
+    assert names.count("Parent Queued") == 5  # sent by the parent only, never by a child
+    assert len({e["messageId"] for e in events}) == len(events)

@@ -57,10 +57,10 @@ def clients() -> List[KlimeClient]:
 def check_fork() -> None:
     """Reset every client if this is a new process; cheap when it is not."""
     if os.getpid() != _pid:
-        _forked()
+        _forked(from_hook=False)
 
 
-def _forked() -> None:
+def _forked(from_hook: bool) -> None:
     """The one fork entry: runs once per child, whatever reached it first.
 
     Several threads of a fresh child can make their first call at once: the
@@ -81,7 +81,7 @@ def _fork_hook() -> None:
     # exists there, so a fresh lock is safe; forks from C never get here.
     global _fork_lock
     _fork_lock = threading.Lock()
-    _forked()
+    _forked(from_hook=True)
 
 
 # --- exit ---------------------------------------------------------------------------
