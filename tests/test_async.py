@@ -55,7 +55,7 @@ class Ticker:
         self.interval = interval
         self.ticks = 0
         self.longest_gap = 0.0
-        self._task: "asyncio.Task[None] | None" = None
+        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         last = time.monotonic()
@@ -185,7 +185,7 @@ def test_flush_timing_out_on_a_hanging_endpoint_keeps_the_loop_running(
     try:
         client = make_async(server.url, request_timeout=30_000)
 
-        async def main() -> "tuple[bool, Ticker, float]":
+        async def main() -> tuple[bool, Ticker, float]:
             client.track("Stuck", user_id="u")
             with Ticker() as ticker:
                 t0 = time.monotonic()
@@ -211,7 +211,7 @@ def test_track_sync_on_a_hanging_endpoint_does_not_block_the_loop(
     try:
         client = make_async(server.url, request_timeout=30_000)
 
-        async def main() -> "tuple[BatchResponse, int]":
+        async def main() -> tuple[BatchResponse, int]:
             with Ticker() as ticker:
                 task = asyncio.ensure_future(client.track_sync("Slow", user_id="u"))
                 # The loop runs while the request hangs; then the server answers.
@@ -373,7 +373,7 @@ def test_shutdown_on_a_hanging_endpoint_is_bounded_and_keeps_the_loop_running(
     try:
         client = make_async(server.url, request_timeout=30_000)
 
-        async def main() -> "tuple[bool, int, float]":
+        async def main() -> tuple[bool, int, float]:
             for i in range(3):
                 client.track("Stuck", {"i": i}, user_id="u")
             with Ticker() as ticker:
@@ -452,11 +452,12 @@ def test_a_flush_completing_after_the_loop_closed_is_harmless(
     server = RawServer(held)
     try:
         client = make_async(server.url, request_timeout=30_000)
+        pending: List[Any] = []
 
         async def main() -> None:
             client.track("Later", user_id="u")
             # A flush still waiting when asyncio.run() ends is cancelled with the loop.
-            asyncio.ensure_future(client.flush())
+            pending.append(asyncio.ensure_future(client.flush()))
             await asyncio.sleep(0.1)
 
         run(main())

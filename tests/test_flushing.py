@@ -20,7 +20,7 @@ from .servers import Collector, RawServer, refused_url
 MakeClient = Callable[..., KlimeClient]
 
 
-class Boom(Exception):
+class BoomError(Exception):
     pass
 
 
@@ -44,8 +44,8 @@ def test_with_block_flushes_when_it_raises_and_the_exception_propagates(
     collector: Collector, make_client: MakeClient
 ) -> None:
     client = make_client(collector.url)
-    error = Boom("job failed")
-    with pytest.raises(Boom) as info, client.flushing():
+    error = BoomError("job failed")
+    with pytest.raises(BoomError) as info, client.flushing():
         client.track("Job Failed", user_id="u")
         raise error
     assert info.value is error
@@ -74,9 +74,9 @@ def test_decorated_function_that_raises_still_flushes(collector: Collector, make
     @client.flushing()
     def task() -> None:
         client.track("Before Crash", user_id="u")
-        raise Boom("x")
+        raise BoomError("x")
 
-    with pytest.raises(Boom):
+    with pytest.raises(BoomError):
         task()
     assert names(collector) == ["Before Crash"]
 
@@ -143,7 +143,7 @@ def test_decorator_on_a_coroutine_function_does_not_block_the_loop(
 
         assert inspect.iscoroutinefunction(handler)
 
-        async def main() -> "tuple[int, int]":
+        async def main() -> tuple[int, int]:
             ticks = 0
 
             async def tick() -> None:
@@ -169,9 +169,9 @@ def test_coroutine_that_raises_still_flushes(collector: Collector, make_client: 
     @client.flushing()
     async def handler() -> None:
         client.track("Async Crash", user_id="u")
-        raise Boom("x")
+        raise BoomError("x")
 
-    with pytest.raises(Boom):
+    with pytest.raises(BoomError):
         asyncio.run(handler())
     assert names(collector) == ["Async Crash"]
 
@@ -183,10 +183,10 @@ def test_async_with_on_the_async_client(collector: Collector, recorder: Recorder
                 client.track("In Block", user_id="u")
                 assert collector.requests == []
             assert names(collector) == ["In Block"]
-            with pytest.raises(Boom):
+            with pytest.raises(BoomError):
                 async with client.flushing():
                     client.track("Raised", user_id="u")
-                    raise Boom()
+                    raise BoomError()
             assert names(collector) == ["In Block", "Raised"]
 
             @client.flushing()
