@@ -237,3 +237,40 @@ def test_nothing_is_looked_up_when_no_scope_was_ever_used(collector: Collector) 
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
     assert sorted(e["userId"] for e in collector.events) == ["s", "u"]
+
+
+def test_one_scope_object_shared_by_threads_and_nested_in_itself(collector: Collector, make_client: MakeClient) -> None:
+    client = make_client(collector.url)
+    shared = klime.scope(group_id="org-shared")
+    barrier = threading.Barrier(4)
+
+    def worker(i: int) -> None:
+        with shared:
+            barrier.wait(5)
+            with klime.scope(user_id=f"u{i}"), shared:
+                client.track("Nested", {"i": i})
+            client.track("Outer", {"i": i}, user_id=f"w{i}")
+            barrier.wait(5)
+        with pytest.raises(ValueError):
+            client.track("Outside")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    events = sent(collector, client, 8)
+    assert all(e["groupId"] == "org-shared" for e in events)
+    assert sorted(e["userId"] for e in events if e["event"] == "Nested") == ["u0", "u1", "u2", "u3"]
+    assert sorted(e["userId"] for e in events if e["event"] == "Outer") == ["w0", "w1", "w2", "w3"]
+
+
+def test_a_scope_entered_in_one_task_and_left_in_another_context_does_not_raise(collector: Collector) -> None:
+    import contextvars
+
+    s = klime.scope(user_id="u")
+    ctx = contextvars.copy_context()
+    ctx.run(s.__enter__)
+    s.__exit__(None, None, None)  # a different context: nothing of this scope is in force here
+    ctx.run(s.__exit__, None, None, None)
+    assert ctx.run(lambda: klime._scope._current.get()) is None

@@ -9,9 +9,9 @@ attribute test per call (docs/design.md, "Request scope").
 
 from __future__ import annotations
 
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 from ._event import copy_fields
 
@@ -22,12 +22,21 @@ used = False
 class _Frame:
     """The ids and properties in force: a scope merged with the scopes around it."""
 
-    __slots__ = ("user_id", "group_id", "properties")
+    __slots__ = ("user_id", "group_id", "properties", "owner", "parent")
 
-    def __init__(self, user_id: Optional[str], group_id: Optional[str], properties: Dict[str, Any]) -> None:
+    def __init__(
+        self,
+        user_id: Optional[str],
+        group_id: Optional[str],
+        properties: Dict[str, Any],
+        owner: Scope,
+        parent: Optional[_Frame],
+    ) -> None:
         self.user_id = user_id
         self.group_id = group_id
         self.properties = properties
+        self.owner = owner  # the Scope that entered it
+        self.parent = parent  # what was in force before
 
 
 _current: ContextVar[Optional[_Frame]] = ContextVar("klime_scope", default=None)
@@ -48,11 +57,13 @@ def _check_id(name: str, value: Any) -> Optional[str]:
 class Scope:
     """A block whose ``track`` calls inherit ``user_id``, ``group_id`` and ``properties``.
 
-    Returned by :func:`klime.scope`; use it with ``with``. It may be
-    entered again after it exits, and nested in itself.
+    Returned by :func:`klime.scope`; use it with ``with``. It keeps no
+    state of its own while entered (that lives in the context), so one
+    object may be entered again, nested in itself, or entered by several
+    threads and tasks at once.
     """
 
-    __slots__ = ("_user_id", "_group_id", "_properties", "_tokens")
+    __slots__ = ("_user_id", "_group_id", "_properties")
 
     def __init__(
         self,
@@ -64,7 +75,6 @@ class Scope:
         self._user_id = _check_id("user_id", user_id)
         self._group_id = _check_id("group_id", group_id)
         self._properties = copy_fields(properties, "properties")
-        self._tokens: List[Token[Optional[_Frame]]] = []
 
     def __repr__(self) -> str:
         return f"klime.scope(user_id={self._user_id!r}, group_id={self._group_id!r}, properties={self._properties!r})"
@@ -74,14 +84,16 @@ class Scope:
         used = True
         outer = _current.get()
         if outer is None:
-            frame = _Frame(self._user_id, self._group_id, self._properties)
+            frame = _Frame(self._user_id, self._group_id, self._properties, self, None)
         else:
             frame = _Frame(
                 self._user_id if self._user_id is not None else outer.user_id,
                 self._group_id if self._group_id is not None else outer.group_id,
                 {**outer.properties, **self._properties} if self._properties else outer.properties,
+                self,
+                outer,
             )
-        self._tokens.append(_current.set(frame))
+        _current.set(frame)
         return self
 
     def __exit__(
@@ -90,7 +102,14 @@ class Scope:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        _current.reset(self._tokens.pop())
+        # Back to what was in force when this scope was entered, found from
+        # the context itself (a Token would tie the exit to one Context).
+        frame = _current.get()
+        probe = frame
+        while probe is not None and probe.owner is not self:
+            probe = probe.parent
+        if probe is not None:
+            _current.set(probe.parent)
 
 
 def scope(
