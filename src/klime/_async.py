@@ -301,9 +301,10 @@ class AsyncKlimeClient:
         """Send one track event now, with the usual retries, without blocking the loop.
 
         Returns the :class:`BatchResponse`; raises :class:`SendError` if the
-        event was not delivered. Argument errors raise at once, before
-        anything is awaited. If the awaiting task is cancelled the event is
-        still sent, and a failure goes to ``on_error``.
+        event was not delivered. Argument errors (``ValueError``/``TypeError``)
+        raise when the coroutine is awaited, before anything is sent. If the
+        awaiting task is cancelled the event is still sent, and a failure
+        goes to ``on_error``.
         """
         client = self._client
         ev = client._track_event(event, properties, user_id, group_id, timestamp, message_id, context)
