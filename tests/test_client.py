@@ -1013,6 +1013,8 @@ def test_flush_and_shutdown_accept_an_infinite_timeout(collector: Collector, mak
 def test_exported_names() -> None:
     expected = {"KlimeClient", "BatchResponse", "ValidationError", "SendError", "Event", "__version__"}
     expected |= {"Stats", "Reason", "OnError", "OnSuccess"}  # typing helpers and stats()
+    expected |= {"AsyncKlimeClient", "scope", "flushing", "configure", "get_client", "queue_size"}
+    expected |= {"track", "identify", "group", "track_sync", "identify_sync", "group_sync", "flush", "shutdown"}
     assert set(klime.__all__) == expected
     ns: Dict[str, Any] = {}
     exec("from klime import *", ns)

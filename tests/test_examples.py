@@ -23,7 +23,14 @@ from .servers import Collector
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
-FRAMEWORK_FREE = ["quickstart.py", "cron_job.py", "error_tracking.py", "backfill.py", "testing_example.py"]
+FRAMEWORK_FREE = [
+    "quickstart.py",
+    "cron_job.py",
+    "error_tracking.py",
+    "backfill.py",
+    "testing_example.py",
+    "asyncio_app.py",
+]
 FRAMEWORKS = {"flask_app.py": ["flask"], "django_app.py": ["django"], "fastapi_app.py": ["fastapi", "httpx"]}
 
 
@@ -124,6 +131,29 @@ def test_testing_example_under_pytest() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 passed" in proc.stdout
+
+
+def test_asyncio_app_scopes_requests_and_flushes_the_job() -> None:
+    out = lines(run("asyncio_app.py").stdout)
+    assert out[0] == "signup confirmed: accepted=1"
+    assert out[1] == "nightly report: 2 org(s), queued afterwards: 0"
+    views = sorted(line for line in out if line.startswith("track") and "'Page Viewed'" in line)
+    assert views == [
+        'track    \'Page Viewed\' (userId=user_1) {"path": "/pricing"}',
+        'track    \'Page Viewed\' (userId=user_2) {"path": "/signup"}',
+        'track    \'Page Viewed\' (userId=user_3) {"path": "/docs"}',
+    ]
+    assert 'track    \'Signed Up\' (userId=user_2) {"path": "/signup", "plan": "trial"}' in out
+    assert len([line for line in out if "'Usage Snapshot Recorded' (groupId=org_" in line]) == 2
+    assert out[-2:] == ["the loop stayed responsive: yes", "all delivered"]
+
+
+def test_asyncio_app_against_the_environment(collector: Collector) -> None:
+    run("asyncio_app.py", endpoint=collector.url)
+    events = collector.events
+    assert len(events) == 6
+    assert sorted(e["userId"] for e in events if e["event"] == "Page Viewed") == ["user_1", "user_2", "user_3"]
+    assert collector.requests[0].headers["Authorization"] == "Bearer examples-test-key"
 
 
 @pytest.mark.parametrize("name", sorted(FRAMEWORKS))

@@ -219,13 +219,7 @@ class Worker:
                 claimed = self._claim_locked(None)
             self._report_claimed(claimed, "not_flushed_at_exit")
             ok = not any(claimed)
-        with self._lock:
-            self._stopping = True
-            self._work.notify_all()
-            self._idle_lanes.notify_all()
-            thread = self._dispatcher
-            for signal in self._signals.values():
-                signal.set()
+        thread = self.stop()
         # Reports already under way are user code that the deadline cannot
         # claim back; they get a short grace so that exit does not cut them off.
         self._await_reports(REPORT_GRACE)
@@ -233,6 +227,21 @@ class Worker:
         if thread is not None and thread.is_alive() and threading.get_ident() not in self._threads:
             thread.join(min(0.5 if ok else 0.05, deadline.remaining()))
         return ok
+
+    def stop(self) -> Optional[threading.Thread]:
+        """Tell the dispatcher and lanes to end once nothing is left; returns the dispatcher. Never waits."""
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+            self._idle_lanes.notify_all()
+            for signal in self._signals.values():
+                signal.set()
+            return self._dispatcher
+
+    def reporting(self) -> bool:
+        """True while an outcome already decided is still being reported (user code running)."""
+        with self._lock:
+            return any(b.decided for b in self.ledger.batches)
 
     def _claim_locked(self, target: Optional[int]) -> Tuple[List[Batch], List[Event], List[Event]]:
         """Claim unfinished events before ``target`` (the lock is held); the caller reports them."""

@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
 
-from . import _lifecycle
+from . import _lifecycle, _scope
 from ._deadline import Deadline
 from ._event import Codec, Event, coerce_timestamp, copy_fields, new_event
+from ._flushing import Flushing
 from ._lifecycle import check_fork
 from ._options import Options
 from ._reporter import Reporter, scrubber
@@ -416,11 +417,15 @@ class KlimeClient:
         # Until this returns, the client stays registered: a shutdown cut
         # short (Ctrl-C) is completed by the exit hook, so nothing is lost.
         ok = self._worker.finish(deadline, send)
+        self._end_close()
+        return ok
+
+    def _end_close(self) -> None:
+        """The worker has finished: closed, connections closed, nothing left for exit to do."""
         with self._state_lock:
             self._state = _CLOSED
         self._sender.transport.close()
         _lifecycle.unregister(self)
-        return ok
 
     def _begin_exit(self) -> None:
         self._begin_close(send=self._options.flush_on_shutdown)
@@ -430,6 +435,18 @@ class KlimeClient:
             self._finish_close(deadline, send=self._options.flush_on_shutdown)
         except Exception:  # pragma: no cover - never break interpreter exit
             self._reporter.logger.exception("error while shutting down at exit")
+
+    def flushing(self, timeout: Optional[float] = None) -> Flushing:
+        """Flush when a block or a function call ends, also when it raises.
+
+        A context manager (``with client.flushing(timeout=5): ...``) and a
+        decorator for plain and ``async def`` functions; ``async with`` and
+        coroutine functions wait for the flush without blocking the event
+        loop. ``timeout`` is in seconds, as for :meth:`flush`; the flush's
+        result is not returned and an exception from the block propagates
+        unchanged. For Lambda handlers, cron jobs and task bodies.
+        """
+        return Flushing(lambda: self, timeout)
 
     def __enter__(self) -> KlimeClient:
         return self
@@ -472,6 +489,9 @@ class KlimeClient:
     ) -> Event:
         if type(event) is not str or not event:
             event = _check_name(event)
+        if _scope.used:
+            # Only once klime.scope() was ever entered (docs/design.md, "Request scope").
+            user_id, group_id, properties = _scope.fill(user_id, group_id, properties)
         if user_id is None and group_id is None:
             raise ValueError("track needs user_id or group_id (anonymous events are not supported)")
         if user_id is not None and (type(user_id) is not str or not user_id):
