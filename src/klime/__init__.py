@@ -6,6 +6,7 @@
 """
 
 from ._event import Event
+from ._signals import install_signal_handlers
 from ._version import __version__
 from .client import KlimeClient
 from .types import BatchResponse, OnError, OnSuccess, Reason, SendError, Stats, ValidationError
@@ -21,4 +22,5 @@ __all__ = [
     "Stats",
     "ValidationError",
     "__version__",
+    "install_signal_handlers",
 ]

@@ -8,13 +8,14 @@ append under a lock; encoding, ids and timestamps happen on the sending side
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
 
-from . import _lifecycle
+from . import _lifecycle, _signals
 from ._deadline import Deadline
 from ._event import Codec, Event, coerce_timestamp, copy_fields, new_event
 from ._lifecycle import check_fork
@@ -197,6 +198,8 @@ class KlimeClient:
         # ~0.3 ms, which would otherwise land on the caller's first track().
         self._worker.start()
         _lifecycle.register(self)
+        if "uwsgi" in sys.modules:  # threads disabled there would stall the flusher
+            _signals.check_uwsgi()
 
     def __repr__(self) -> str:
         # Never the write key.
