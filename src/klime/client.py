@@ -15,12 +15,13 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
 
-from . import _lifecycle, _signals
+from . import _lifecycle
 from ._deadline import Deadline
 from ._event import Codec, Event, coerce_timestamp, copy_fields, new_event
 from ._lifecycle import check_fork
 from ._options import Options
 from ._reporter import Reporter, scrubber
+from ._signals import check_uwsgi
 from ._transport import HttpTransport, RetryPolicy, Sender, Transport
 from ._worker import Worker
 from .types import BatchResponse, OnError, OnSuccess, SendError, Stats
@@ -199,7 +200,7 @@ class KlimeClient:
         self._worker.start()
         _lifecycle.register(self)
         if "uwsgi" in sys.modules:  # threads disabled there would stall the flusher
-            _signals.check_uwsgi()
+            check_uwsgi()
 
     def __repr__(self) -> str:
         # Never the write key.
