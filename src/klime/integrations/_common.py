@@ -38,14 +38,18 @@ def check_timeout(value: object) -> float:
     return float(value)
 
 
-def resolve(client: Optional[Flushable]) -> Flushable:
-    """The client to flush: the one given, else the default client (created on first use)."""
+def resolve(client: Optional[Flushable]) -> Optional[Flushable]:
+    """The client to flush: the one given, else the default client if one was created.
+
+    A default client that does not exist yet has queued nothing, so nothing
+    is created (nor a missing write key complained about) just to flush it.
+    """
     if client is not None:
         return client
-    from .._module import get_client
+    from .. import _module
 
-    default: Flushable = get_client()
-    return default
+    existing: Optional[Flushable] = _module._existing()
+    return existing
 
 
 def scope_for(ids: IdentifyResult, what: str) -> ContextManager[Any]:
@@ -80,6 +84,8 @@ def flush_blocking(client: Optional[Flushable], timeout: float) -> None:
     """Flush on this thread within ``timeout`` seconds; never raises an ``Exception``."""
     try:
         target = resolve(client)
+        if target is None:
+            return
         if _is_async(target):
             # An AsyncKlimeClient flushes on its loop; from a sync server
             # thread, hand it the wait through the watch below instead.
@@ -101,6 +107,8 @@ async def flush_async(client: Optional[Flushable], timeout: float) -> bool:
     """
     try:
         target = resolve(client)
+        if target is None:
+            return True
         if _is_async(target):
             await asyncio.wait_for(_as_awaitable(target.flush(timeout=timeout)), timeout + 1.0)
             return True
