@@ -38,6 +38,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.conf import settings  # type: ignore[import-not-found,import-untyped,unused-ignore]
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
+from .. import _lifecycle
 from ._common import IdentifyResult, background, check_timeout, flush_blocking, logger, scope_for
 
 __all__ = ["KlimeMiddleware"]
@@ -74,10 +75,10 @@ def _configure(options: Dict[str, Any]) -> None:
     from .._module import configure, get_client
 
     with _configure_lock:
-        if _configured is not None and _configured[0] == options:
+        if _configured is not None and _configured[0] == options and _configured[1] in _lifecycle.clients():
             try:
                 if get_client() is _configured[1]:
-                    return
+                    return  # still the default, still open
             except Exception:
                 pass
         try:
