@@ -30,8 +30,24 @@ FRAMEWORK_FREE = [
     "backfill.py",
     "testing_example.py",
     "asyncio_app.py",
+    "sigterm.py",
 ]
-FRAMEWORKS = {"flask_app.py": ["flask"], "django_app.py": ["django"], "fastapi_app.py": ["fastapi", "httpx"]}
+FRAMEWORKS = {
+    "flask_app.py": ["flask"],
+    "django_app.py": ["django"],
+    "fastapi_app.py": ["fastapi", "httpx"],
+    "flask_middleware.py": ["flask"],
+    "starlette_middleware.py": ["starlette", "httpx"],
+    "django_middleware.py": ["django"],
+    "celery_tasks.py": ["celery"],
+}
+# Integration examples: the last line each prints when nothing is left queued.
+INTEGRATION_DONE = {
+    "flask_middleware.py": "queued after the request: 0",
+    "starlette_middleware.py": "queued after the request: 0",
+    "django_middleware.py": "queued after the requests: 0",
+    "celery_tasks.py": "queued after the task: 0",
+}
 
 
 def _env(endpoint: Optional[str] = None) -> Dict[str, str]:
@@ -169,3 +185,31 @@ def test_framework_example_runs_when_installed(name: str) -> None:
     kinds = [line.split()[0] for line in out if line.split()[0] in ("identify", "group", "track")]
     assert kinds[:2] == ["identify", "group"]
     assert "track" in kinds
+
+
+@pytest.mark.parametrize("name", sorted(INTEGRATION_DONE))
+def test_integration_example_delivers_everything(name: str) -> None:
+    for module in FRAMEWORKS[name]:
+        pytest.importorskip(module)
+    out = lines(run(name).stdout)
+    assert out[-1] == INTEGRATION_DONE[name]
+    assert any(line.startswith("track") and ("userId=" in line or "groupId=" in line) for line in out)
+
+
+def test_sigterm_example_delivers_then_dies_by_the_signal() -> None:
+    out = lines(run("sigterm.py").stdout)
+    assert [line.split()[1] for line in out if line.startswith("track")] == ["'Worker", "'Email"]
+    assert out[-1] == "child exit: killed by SIGTERM"
+
+
+@pytest.mark.parametrize("name", sorted(INTEGRATION_DONE))
+def test_integration_example_without_its_framework_says_how_to_install(name: str, tmp_path: Path) -> None:
+    # A module named like the framework that fails to import, first on the path.
+    for module in FRAMEWORKS[name]:
+        (tmp_path / f"{module}.py").write_text("raise ImportError('not installed')\n")
+    env = {**_env(), "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install" in proc.stdout and "Traceback" not in proc.stderr

@@ -27,6 +27,7 @@ from ._module import (
     track_sync,
 )
 from ._scope import scope
+from ._signals import install_signal_handlers
 from ._version import __version__
 from .client import KlimeClient
 from .types import BatchResponse, OnError, OnSuccess, Reason, SendError, Stats, ValidationError
@@ -51,6 +52,7 @@ __all__ = [
     "group_sync",
     "identify",
     "identify_sync",
+    "install_signal_handlers",
     "queue_size",
     "scope",
     "shutdown",

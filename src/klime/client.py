@@ -8,6 +8,7 @@ append under a lock; encoding, ids and timestamps happen on the sending side
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from ._flushing import Flushing
 from ._lifecycle import check_fork
 from ._options import Options
 from ._reporter import Reporter, scrubber
+from ._signals import check_uwsgi
 from ._transport import HttpTransport, RetryPolicy, Sender, Transport
 from ._worker import Worker
 from .types import BatchResponse, OnError, OnSuccess, SendError, Stats
@@ -203,6 +205,8 @@ class KlimeClient:
         if self._background_threads:
             self._worker.start()
         _lifecycle.register(self)
+        if "uwsgi" in sys.modules:  # threads disabled there would stall the flusher
+            check_uwsgi()
 
     def __repr__(self) -> str:
         # Never the write key.
