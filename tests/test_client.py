@@ -1015,6 +1015,7 @@ def test_exported_names() -> None:
     expected |= {"Stats", "Reason", "OnError", "OnSuccess"}  # typing helpers and stats()
     expected |= {"AsyncKlimeClient", "scope", "flushing", "configure", "get_client", "queue_size"}
     expected |= {"track", "identify", "group", "track_sync", "identify_sync", "group_sync", "flush", "shutdown"}
+    expected |= {"install_signal_handlers"}
     assert set(klime.__all__) == expected
     ns: Dict[str, Any] = {}
     exec("from klime import *", ns)
