@@ -9,6 +9,7 @@ counters and is never held while logging or calling user code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -50,6 +51,44 @@ def deadline_message(reason: str, count: int, cause: Optional[str]) -> str:
     return text
 
 
+class SafeLogger:
+    """The user's logger, minus its exceptions.
+
+    A logging handler is user code: one that raises (a log shipper whose
+    endpoint is down) or recurses into the client would otherwise end a
+    sending thread or skip the callback that follows the log line
+    (docs/design.md, "Threads and locks"). Its failure is swallowed here.
+    """
+
+    __slots__ = ("logger",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - mirrors logging.Logger
+        return self.logger.isEnabledFor(level)
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: Optional[bool] = None, stacklevel: int = 2) -> None:
+        # stacklevel: the record names the client's line that logged, not this wrapper.
+        with contextlib.suppress(Exception):
+            self.logger.log(level, msg, *args, exc_info=exc_info, stacklevel=stacklevel)
+
+    def debug(self, msg: str, *args: Any) -> None:
+        self.log(logging.DEBUG, msg, *args, stacklevel=3)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.log(logging.INFO, msg, *args, stacklevel=3)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, msg, *args, stacklevel=3)
+
+    def error(self, msg: str, *args: Any) -> None:
+        self.log(logging.ERROR, msg, *args, stacklevel=3)
+
+    def exception(self, msg: str, *args: Any) -> None:
+        self.log(logging.ERROR, msg, *args, exc_info=True, stacklevel=3)
+
+
 class Reporter:
     """Calls ``on_error``/``on_success`` and logs failures, rate-limited per reason."""
 
@@ -60,7 +99,7 @@ class Reporter:
         on_success: Optional[OnSuccess],
         scrub: Callable[[str], str],
     ) -> None:
-        self.logger = logger
+        self.logger = SafeLogger(logger)
         self._on_error = on_error
         self._on_success = on_success
         self._scrub = scrub

@@ -426,7 +426,9 @@ class HttpTransport:
         # Built once; each request appends only its length and body.
         self._head = _build_head(target, host_header, write_key, proxy_auth)
         del write_key  # out of this frame's locals from here on
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler that shuts the client down (close()) may
+        # run on a thread that is inside _take/_release/_open (a *_sync call).
+        self._lock = threading.RLock()
         self._idle: List[_Conn] = []  # most recently released last
         self._busy: Set[_Conn] = set()
         self._gen = 0
@@ -447,6 +449,9 @@ class HttpTransport:
         with self._lock:
             stale = self._prune(now)
             conn = self._idle.pop() if self._idle else None
+            if conn is not None and conn.gen != self._gen:
+                stale.append(conn)  # released as close() ran (from a signal handler)
+                conn = None
             if conn is not None:
                 self._busy.add(conn)
         for c in stale:
@@ -494,7 +499,7 @@ class HttpTransport:
         Only the file descriptors are closed (no TLS close_notify, no
         shutdown): nothing is written on a socket the parent still uses.
         """
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         conns = self._idle + list(self._busy)
         self._idle = []
         self._busy = set()
