@@ -27,6 +27,7 @@ from ._event import Event
 # What a unit of work is: a batch to send, or overflow drops to report.
 SEND = "send"
 DROPS = "drops"
+CLAIM = "claim"  # events a deadline claimed, until the claimer has reported them
 
 
 class Batch:
@@ -76,6 +77,9 @@ class Ledger:
         self.dropped: List[Event] = []
         self.batches: Set[Batch] = set()
         self.waiters: List[Waiter] = []
+        # Claims not yet reported, oldest first; the worker completes each one
+        # once its claimer has reported it (claim() and take_hold() pair up).
+        self.holds: List[Batch] = []
         self.next_seq = 0
         # Undelivered ranges at or above the watermark, for waiters that
         # start after the failure was decided but before it finished.
@@ -87,6 +91,7 @@ class Ledger:
         self.failed: Counter[str] = Counter()
         self.retries = 0
         self.sent_directly = 0  # by the *_sync methods, outside the queue
+        self.withdrawn = 0  # added while a shutdown ran on the same thread, then ignored
         self.last_success: Optional[float] = None
         self.last_failure: Optional[float] = None
 
@@ -102,6 +107,15 @@ class Ledger:
         self.next_seq += 1
         q.append(ev)
         return overflow
+
+    def withdraw(self, ev: Event) -> bool:
+        """Take back ``ev``, just added, if it is still the last queued event; True if taken."""
+        q = self.queue
+        if not q or q[-1] is not ev:
+            return False
+        q.pop()
+        self.withdrawn += 1
+        return True
 
     def queued(self) -> int:
         """Events waiting in the queue (not those being sent)."""
@@ -224,10 +238,26 @@ class Ledger:
         q = self.queue
         while q and q[0]._seq < end:
             queued.append(q.popleft())
+        held: List[Event] = []
         for group in [*(b.events for b in claimed), dropped, queued]:
             if group:
-                self._mark(group[0]._seq, group[-1]._seq + 1)
+                lo, hi = group[0]._seq, group[-1]._seq + 1
+                self._mark(lo, hi)
+                # Failed but not yet reported: a waiter that starts before the
+                # claimer has reported them must still see them (as for decide()).
+                self._failed.append((lo, hi))
+                held.extend(group)
+        if held:
+            hold = Batch(CLAIM, held)
+            hold.lo = min(ev._seq for ev in held)
+            hold.decided = True
+            self.batches.add(hold)
+            self.holds.append(hold)
         return claimed, dropped, queued
+
+    def take_hold(self) -> Optional[Batch]:
+        """The hold the last claim() made (None if it claimed nothing); complete() it once reported."""
+        return self.holds.pop() if self.holds else None
 
     # --- counters -------------------------------------------------------------------------
 
@@ -240,7 +270,7 @@ class Ledger:
     def snapshot(self) -> Dict[str, object]:
         """The counters, copied (the lock is held by the caller)."""
         return {
-            "enqueued": self.next_seq + self.sent_directly,
+            "enqueued": self.next_seq + self.sent_directly - self.withdrawn,
             "delivered": self.delivered,
             "rejected": self.rejected,
             "filtered": self.filtered,

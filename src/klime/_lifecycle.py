@@ -18,6 +18,7 @@ import atexit
 import os
 import sys
 import threading
+import weakref
 from typing import TYPE_CHECKING, List, Optional, Set
 
 from ._deadline import Deadline
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from .client import KlimeClient
 
 _clients: Set[KlimeClient] = set()
+# Every client of this process, open or not (disabled, shut down): a forked
+# child must give each of them fresh locks, whoever held the parent's.
+_every: weakref.WeakSet[KlimeClient] = weakref.WeakSet()
 _pid = os.getpid()
 _fork_lock = threading.Lock()
 _mp_finalizer_pid: Optional[int] = None
@@ -36,6 +40,12 @@ class _Token:
 
 
 _TOKEN = _Token()
+
+
+def created(client: KlimeClient) -> None:
+    """``client`` was built in this process (call after ``check_fork()``): reset it in a child."""
+    client._owner_pid = os.getpid()
+    _every.add(client)
 
 
 def register(client: KlimeClient) -> None:
@@ -68,11 +78,16 @@ def _forked(from_hook: bool) -> None:
     """
     global _pid
     with _fork_lock:
-        if os.getpid() == _pid:
+        pid = os.getpid()
+        if pid == _pid:
             return
-        for client in list(_clients):
-            client._after_fork()
-        _pid = os.getpid()
+        for client in {*_clients, *_every}:
+            # A client built in this child before the entry ran is already fresh:
+            # resetting it would pull its state out from under its running threads.
+            if client._owner_pid != pid:
+                client._owner_pid = pid
+                client._after_fork()
+        _pid = pid
     _after_fork_multiprocessing()
 
 

@@ -9,9 +9,10 @@ counters and is never held while logging or calling user code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._deadline import monotonic
 from ._event import Event
@@ -20,38 +21,11 @@ from .types import BatchResponse, SendError
 OnError = Callable[[SendError, List[Event]], None]
 OnSuccess = Callable[[BatchResponse], None]
 
-if TYPE_CHECKING:
-    _Adapter = logging.LoggerAdapter[logging.Logger]
-else:
-    _Adapter = logging.LoggerAdapter
-
-
 class _Reentry(threading.local):
     active = False
 
 
 _reentry = _Reentry()
-
-
-class GuardedLogger(_Adapter):
-    """The user's logger, except that a log call made while one of ours is being handled is dropped.
-
-    A logging handler that calls the client back (track, flush) would
-    otherwise make the client log again from inside that handler, and so on
-    without end (docs/design.md, "Threads and locks").
-    """
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__(logger, {})
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if _reentry.active or not self.logger.isEnabledFor(level):
-            return
-        _reentry.active = True
-        try:
-            self.logger.log(level, msg, *args, **kwargs)
-        finally:
-            _reentry.active = False
 
 
 # At most one log line per failure reason in this many seconds.
@@ -84,6 +58,52 @@ def deadline_message(reason: str, count: int, cause: Optional[str]) -> str:
     return text
 
 
+class SafeLogger:
+    """The user's logger, minus its exceptions.
+
+    A logging handler is user code: one that raises (a log shipper whose
+    endpoint is down) or recurses into the client would otherwise end a
+    sending thread or skip the callback that follows the log line
+    (docs/design.md, "Threads and locks"). Its failure is swallowed here.
+    """
+
+    __slots__ = ("logger",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - mirrors logging.Logger
+        return self.logger.isEnabledFor(level)
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: Optional[bool] = None, stacklevel: int = 2) -> None:
+        # A log call made while one of ours is being handled on this thread
+        # (a handler that calls the client back) is dropped: it would recurse.
+        if _reentry.active or not self.logger.isEnabledFor(level):
+            return
+        _reentry.active = True
+        try:
+            # stacklevel: the record names the client's line that logged, not this wrapper.
+            with contextlib.suppress(Exception):
+                self.logger.log(level, msg, *args, exc_info=exc_info, stacklevel=stacklevel)
+        finally:
+            _reentry.active = False
+
+    def debug(self, msg: str, *args: Any) -> None:
+        self.log(logging.DEBUG, msg, *args, stacklevel=3)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.log(logging.INFO, msg, *args, stacklevel=3)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, msg, *args, stacklevel=3)
+
+    def error(self, msg: str, *args: Any) -> None:
+        self.log(logging.ERROR, msg, *args, stacklevel=3)
+
+    def exception(self, msg: str, *args: Any) -> None:
+        self.log(logging.ERROR, msg, *args, exc_info=True, stacklevel=3)
+
+
 class Reporter:
     """Calls ``on_error``/``on_success`` and logs failures, rate-limited per reason."""
 
@@ -94,7 +114,7 @@ class Reporter:
         on_success: Optional[OnSuccess],
         scrub: Callable[[str], str],
     ) -> None:
-        self.logger = GuardedLogger(logger)
+        self.logger = SafeLogger(logger)
         self._on_error = on_error
         self._on_success = on_success
         self._scrub = scrub

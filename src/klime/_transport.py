@@ -39,7 +39,7 @@ from datetime import timezone
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException, IncompleteRead, RemoteDisconnected
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
 from urllib.parse import unquote, urlsplit
 
 from ._deadline import Deadline, monotonic
@@ -426,7 +426,9 @@ class HttpTransport:
         # Built once; each request appends only its length and body.
         self._head = _build_head(target, host_header, write_key, proxy_auth)
         del write_key  # out of this frame's locals from here on
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler that shuts the client down (close()) may
+        # run on a thread that is inside _take/_release/_open (a *_sync call).
+        self._lock = threading.RLock()
         self._idle: List[_Conn] = []  # most recently released last
         self._busy: Set[_Conn] = set()
         self._gen = 0
@@ -447,6 +449,9 @@ class HttpTransport:
         with self._lock:
             stale = self._prune(now)
             conn = self._idle.pop() if self._idle else None
+            if conn is not None and conn.gen != self._gen:
+                stale.append(conn)  # released as close() ran (from a signal handler)
+                conn = None
             if conn is not None:
                 self._busy.add(conn)
         for c in stale:
@@ -494,7 +499,7 @@ class HttpTransport:
         Only the file descriptors are closed (no TLS close_notify, no
         shutdown): nothing is written on a socket the parent still uses.
         """
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         conns = self._idle + list(self._busy)
         self._idle = []
         self._busy = set()
@@ -827,6 +832,16 @@ def _describe(exc: BaseException) -> str:
 _SNIPPET_CHARS = 200
 
 
+class Log(Protocol):
+    """What the sender needs of a logger (a ``logging.Logger``, or the client's safe wrapper)."""
+
+    def isEnabledFor(self, level: int) -> bool: ...  # noqa: N802 - logging's name
+
+    def debug(self, msg: str, *args: Any) -> None: ...
+
+    def exception(self, msg: str, *args: Any) -> None: ...
+
+
 class Sender:
     """Delivers one request body under the retry policy; shared by every lane.
 
@@ -838,7 +853,7 @@ class Sender:
         self,
         transport: Transport,
         policy: RetryPolicy,
-        logger: Union[logging.Logger, logging.LoggerAdapter[Any]],
+        logger: Log,
         secret: str,
     ) -> None:
         self.transport = transport

@@ -42,6 +42,11 @@ LANE_IDLE = 10.0
 LANE_LATENCY = 0.008
 
 
+# What a deadline claimed: batches in flight, overflow drops, queued events, and the
+# hold that keeps them unfinished until they are reported.
+_Claimed = Tuple[List[Batch], List[Event], List[Event], Optional[Batch]]
+
+
 class _Direct:
     """One event sent on a lane outside the queue, whose outcome goes to ``done`` (async ``*_sync``)."""
 
@@ -60,7 +65,8 @@ class Worker:
         self._codec = codec
         self._sender = sender
         self._reporter = reporter
-        self._logger = reporter.logger
+        self._logger = reporter.logger  # never raises (a raising handler is user code)
+        self._warned_flush_in_callback = False
         self._batch_size = options.max_batch_size
         self._interval = options.flush_interval
         self._max_lanes = options.max_in_flight
@@ -112,6 +118,12 @@ class Worker:
                 return False
             ledger = self.ledger
             overflow = ledger.add(ev)
+            if not self._accepting and ledger.withdraw(ev):
+                # A signal handler on this thread shut the client down between the
+                # check and the append (the lock is re-entrant): the shutdown has
+                # already delivered what was queued and nothing will send this
+                # event any more, so it is ignored like any call after shutdown.
+                return False
             if (overflow or len(ledger.queue) >= self._send_at) and not self._wake_pending:
                 self._wake_pending = True
                 self._work.notify()
@@ -120,6 +132,10 @@ class Worker:
             self._starting = True
         self._start_dispatcher()
         return True
+
+    def on_own_thread(self) -> bool:
+        """True on one of this worker's sending threads (a callback running there)."""
+        return threading.get_ident() in self._threads
 
     def size(self) -> int:
         """Events waiting to be sent (not counting batches in flight)."""
@@ -174,10 +190,14 @@ class Worker:
                     self._work.notify()
                 threadless = self._threadless or (self._dispatcher is None and not self._starting)
         if in_callback:
-            # Waiting on the thread that must do the sending would deadlock.
-            self._logger.warning("flush() called from a callback on a sending thread; not waiting")
+            # Waiting on the thread that must do the sending would deadlock. Said
+            # once: a logging handler that flushes on every record would otherwise
+            # be called back by this very line, without end.
+            if not self._warned_flush_in_callback:
+                self._warned_flush_in_callback = True
+                self._logger.warning("flush() called from a callback on a sending thread; not waiting")
             return False
-        claimed: Tuple[List[Batch], List[Event], List[Event]] = ([], [], [])
+        claimed: _Claimed = ([], [], [], None)
         try:
             if threadless:
                 self._send_here(waiter.target, deadline, reason)
@@ -218,7 +238,7 @@ class Worker:
             with self._lock:
                 claimed = self._claim_locked(None)
             self._report_claimed(claimed, "not_flushed_at_exit")
-            ok = not any(claimed)
+            ok = not any(claimed[:3])
         thread = self.stop()
         # Reports already under way are user code that the deadline cannot
         # claim back; they get a short grace so that exit does not cut them off.
@@ -243,20 +263,44 @@ class Worker:
         with self._lock:
             return any(b.decided for b in self.ledger.batches)
 
-    def _claim_locked(self, target: Optional[int]) -> Tuple[List[Batch], List[Event], List[Event]]:
-        """Claim unfinished events before ``target`` (the lock is held); the caller reports them."""
-        claimed = self.ledger.claim(target)
-        for batch in claimed[0]:
+    def _claim_locked(self, target: Optional[int]) -> _Claimed:
+        """Claim unfinished events before ``target`` (the lock is held); the caller reports them.
+
+        The claimed events stay unfinished (a decided "hold") until
+        :meth:`_report_claimed` has reported them, so that a flush() starting
+        meanwhile neither returns True nor returns before they are reported.
+        """
+        batches, dropped, queued = self.ledger.claim(target)
+        hold = self.ledger.take_hold()
+        for batch in batches:
             signal = self._signals.get(batch)
             if signal is not None:
                 signal.set()
-        n = sum(len(b.events) for b in claimed[0]) + len(claimed[1]) + len(claimed[2])
-        if n:
+        if hold is not None:
             self._done.notify_all()
-        return claimed
+        return batches, dropped, queued, hold
 
-    def _report_claimed(self, claimed: Tuple[List[Batch], List[Event], List[Event]], reason: Reason) -> None:
-        batches, dropped, queued = claimed
+    def _report_claimed(self, claimed: _Claimed, reason: Reason) -> None:
+        batches, dropped, queued, hold = claimed
+        if hold is None:
+            return
+        me = threading.get_ident()
+        with self._lock:
+            # While on_error runs here, a flush() it makes must not wait for this very report.
+            mine = me not in self._threads
+            if mine:
+                self._threads[me] = "reporter"
+        try:
+            self._report_claimed_groups(batches, dropped, queued, reason)
+        finally:
+            with self._lock:
+                if mine:
+                    self._threads.pop(me, None)
+            self._complete(hold)
+
+    def _report_claimed_groups(
+        self, batches: List[Batch], dropped: List[Event], queued: List[Event], reason: Reason
+    ) -> None:
         now = time.time()
         if dropped:
             self._count_failed("queue_overflow", len(dropped), now)

@@ -150,6 +150,9 @@ class KlimeClient:
         debug: Optional[bool] = None,
         max_in_flight: Optional[int] = None,
     ) -> None:
+        # In the child of a C fork, reset the clients inherited from the parent
+        # before this one exists, so that the reset never touches it.
+        check_fork()
         opts = Options.build(
             write_key=write_key,
             endpoint=endpoint,
@@ -195,6 +198,8 @@ class KlimeClient:
         self._state_lock = threading.RLock()
         self._closing = threading.Event()  # interrupts *_sync retry waits at shutdown
         self._ignored = 0
+        self._owner_pid = 0
+        _lifecycle.created(self)
         if opts.disabled:
             # Calls are still checked; nothing is queued, no thread started.
             self._state = _CLOSED
@@ -403,6 +408,13 @@ class KlimeClient:
         if seconds is None:
             seconds = self._options.shutdown_timeout
         deadline = Deadline.after(seconds)
+        if self._worker.on_own_thread():
+            # From a callback on a sending thread, which cannot wait for itself:
+            # stop accepting and let the queue go out, but stay registered (and
+            # "shutting down") so that exit, or a shutdown() from another
+            # thread, still waits for what is queued within its budget.
+            self._begin_close(send=True)
+            return False
         if not self._begin_close(send=True):
             return True
         return self._finish_close(deadline, send=True)
