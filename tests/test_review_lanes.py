@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
+import json
 import threading
 import time
 from collections import Counter
@@ -204,6 +205,10 @@ def test_review_deadline_with_batches_in_flight_on_several_lanes(
     lock = threading.Lock()
 
     def hang(req: RawRequest) -> Reply:
+        if req.json()["batch"][0]["messageId"].startswith("warm"):
+            # A distant server first (lanes open only when requests wait on the network), then a hang.
+            time.sleep(0.03)
+            return (200, json.dumps({"status": "ok", "accepted": len(req.json()["batch"]), "failed": 0}).encode())
         with lock:
             active[req.connection] += 1
         gate.wait(20)
@@ -222,6 +227,9 @@ def test_review_deadline_with_batches_in_flight_on_several_lanes(
         max_batch_size=10, max_in_flight=4, on_error=on_error,
     )
     try:
+        for i in range(3):
+            client.track("Warm", user_id="u1", message_id=f"warm{i}")
+            assert client.flush(timeout=5) is True
         for i in range(100):
             client.track("Stuck", user_id="u1", message_id=f"m{i}")
         assert wait_until(lambda: len(active) >= 2, timeout=5), active
