@@ -7,9 +7,9 @@ and stats() must balance.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
-import json
 import threading
 import time
 from collections import Counter
