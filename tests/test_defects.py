@@ -220,7 +220,7 @@ def test_overflow_during_a_retry_wait_is_reported_and_freed_promptly(
         client.track("Flood", {"i": i}, user_id="u1")
     assert server.wait_for_requests(1)
     # The retry waits 30 s; the drops must not wait for it.
-    assert wait_until(lambda: client.stats().failed.get("queue_overflow", 0) >= 19_800, timeout=10)
+    assert wait_until(lambda: client.stats().failed.get("queue_overflow", 0) >= 19_800, timeout=10), client.stats()
     dropped = [ev for e, evs in recorder.errors if getattr(e, "reason", "") == "queue_overflow" for ev in evs]
     assert len(dropped) >= 19_800
     assert client.queue_size() <= 100
