@@ -8,6 +8,7 @@ append under a lock; encoding, ids and timestamps happen on the sending side
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ Properties = Optional[Mapping[str, Any]]
 Timestamp = Union[datetime, str, None]
 
 _DEBUG = logging.DEBUG
+_getpid = os.getpid
 
 # Client states: open; closing (shutdown under way, perhaps interrupted); closed.
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
@@ -482,7 +484,8 @@ class KlimeClient:
         return HttpTransport(options.endpoint, options.write_key, options.request_timeout)
 
     def _put(self, ev: Event) -> None:
-        check_fork()
+        if _getpid() != _lifecycle._pid:  # check_fork(), inlined: this is every call's path
+            check_fork()
         if not self._worker.put(ev):
             self._after_shutdown()
             return
