@@ -117,21 +117,14 @@ class Worker:
             if not self._accepting:
                 return False
             ledger = self.ledger
-            # Ledger.add, inlined: a call less on every track().
-            q = ledger.queue
-            overflow = len(q) >= ledger.capacity
-            if overflow:
-                ledger.dropped.append(q.popleft())
-            ev._seq = ledger.next_seq
-            ledger.next_seq += 1
-            q.append(ev)
+            overflow = ledger.add(ev)
             if not self._accepting and ledger.withdraw(ev):
                 # A signal handler on this thread shut the client down between the
                 # check and the append (the lock is re-entrant): the shutdown has
                 # already delivered what was queued and nothing will send this
                 # event any more, so it is ignored like any call after shutdown.
                 return False
-            if (overflow or len(q) >= self._send_at) and not self._wake_pending:
+            if (overflow or len(ledger.queue) >= self._send_at) and not self._wake_pending:
                 self._wake_pending = True
                 self._work.notify()
             if self._dispatcher is not None or self._starting or self._threadless:
