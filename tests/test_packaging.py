@@ -84,7 +84,8 @@ def test_wheel_metadata(dists: Dict[str, Path]) -> None:
     assert meta["Description-Content-Type"] == "text/markdown"
     classifiers = meta.get_all("Classifier") or []
     assert "Typing :: Typed" in classifiers
-    for minor in range(9, 14):
+    assert "Development Status :: 5 - Production/Stable" in classifiers
+    for minor in range(9, 15):
         assert f"Programming Language :: Python :: 3.{minor}" in classifiers
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [])
     assert {"Homepage", "Repository", "Issues", "Changelog"} <= set(urls)
