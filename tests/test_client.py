@@ -20,10 +20,8 @@ import pytest
 import klime
 from klime import BatchResponse, Event, KlimeClient, SendError, ValidationError
 
-from .conftest import FAST, Recorder
+from .conftest import FAST, MakeClient, Recorder
 from .servers import Collector, refused_url
-
-MakeClient = Callable[..., KlimeClient]
 
 DOCUMENTED_OPTIONS = [
     "write_key",

@@ -20,11 +20,10 @@ import pytest
 import klime
 from klime import BatchResponse, KlimeClient, SendError, Stats
 
-from .conftest import Recorder
+from .conftest import MakeClient, Recorder
 from .servers import Collector, Held, RawRequest, RawServer, Reply, wait_until
 
 KEY = "test-write-key"  # what make_client uses
-MakeClient = Callable[..., KlimeClient]
 Servers = Callable[..., RawServer]
 
 

@@ -19,10 +19,9 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from .conftest import run_process
+from .conftest import ROOT, run_process
 from .servers import Collector
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 FRAMEWORK_FREE = [

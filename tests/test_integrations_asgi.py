@@ -17,7 +17,7 @@ from klime import KlimeClient
 from klime.integrations.asgi import KlimeMiddleware
 
 from .conftest import Recorder
-from .servers import Collector, Held, RawServer, refused_url
+from .servers import Collector, Held, RawServer, refused_url, wait_until
 
 starlette = pytest.importorskip("starlette")
 pytest.importorskip("httpx")
@@ -85,14 +85,7 @@ def test_endpoint_down_never_fails_the_response(
     with TestClient(starlette_app(client, flush=True, flush_timeout=0.5)) as web:
         response = web.get("/explicit")
     assert response.status_code == 200 and response.json() == {"ok": True}
-    assert wait_for(lambda: [e.reason for e, _ in recorder.errors] == ["flush_deadline"])  # type: ignore[attr-defined]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
+    assert wait_until(lambda: [e.reason for e, _ in recorder.errors] == ["flush_deadline"])  # type: ignore[attr-defined]
 
 
 async def _raw_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
@@ -154,7 +147,7 @@ def test_a_hanging_endpoint_never_blocks_the_loop_nor_starts_threads(
     ticks = asyncio.run(main())
     assert time.monotonic() - started < 20
     assert ticks >= 5  # the loop kept running while 20 flushes waited on a hanging endpoint
-    assert wait_for(lambda: sum(len(evs) for _, evs in recorder.errors) == 20)
+    assert wait_until(lambda: sum(len(evs) for _, evs in recorder.errors) == 20)
 
 
 def test_a_flush_that_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
@@ -165,7 +158,7 @@ def test_a_flush_that_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixtu
     wrapped = KlimeMiddleware(_raw_app, Broken(), flush=True)  # type: ignore[arg-type]
     sent = asyncio.run(_drive(wrapped, 1))
     assert sent[-1]["body"] == b"ok"
-    assert wait_for(lambda: "flush exploded" in caplog.text)
+    assert wait_until(lambda: "flush exploded" in caplog.text)
 
 
 def test_lifespan_passes_through() -> None:

@@ -15,11 +15,11 @@ import pytest
 
 from klime import KlimeClient
 
+from .conftest import ROOT
 from .servers import Collector
 
 celery = pytest.importorskip("celery")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_eager_task_flushes_after_each_task(collector: Collector, make_client: Callable[..., KlimeClient]) -> None:

@@ -19,9 +19,8 @@ import pytest
 
 import klime
 
-from .conftest import run_process
+from .conftest import ROOT, run_process
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "klime"
 
 BUILD = """
