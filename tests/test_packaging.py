@@ -107,7 +107,7 @@ def test_wheel_installs_the_klime_command(dists: Dict[str, Path]) -> None:
 def test_sdist_holds_sources_docs_and_tests(dists: Dict[str, Path]) -> None:
     with tarfile.open(dists["sdist"]) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
-    for required in ("README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "src/klime/py.typed"):
+    for required in ("README.md", "CHANGELOG.md", "CONTRIBUTING.md", "LICENSE", "pyproject.toml", "src/klime/py.typed"):
         assert required in names, required
     assert any(n.startswith("tests/") for n in names)
     assert any(n.startswith("examples/") for n in names)
