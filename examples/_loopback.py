@@ -4,15 +4,19 @@ It listens on 127.0.0.1 only, accepts ``POST /v1/batch`` and answers the way
 the real API does (``{"status", "accepted", "failed"}``). It keeps every event
 it received and, like the real API, counts an event once per ``messageId``.
 
-The examples use :func:`klime_target`: when ``KLIME_WRITE_KEY`` or
-``KLIME_ENDPOINT`` is set they talk to that endpoint instead, and this module
-stays out of the way. Nothing here is part of the SDK.
+The examples use :func:`klime_target`. Their events are made up (and some
+fail on purpose), so they go to this collector unless the command line says
+``--live``: only then does an example send to the endpoint and workspace that
+``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT`` name. With those variables set and
+no ``--live``, the example says how to send for real and stays offline.
+Nothing here is part of the SDK.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,18 +91,34 @@ class LoopbackCollector:
         self._server.server_close()
 
 
+LIVE_FLAG = "--live"
+
+
 @contextmanager
 def klime_target() -> Iterator[Tuple[Dict[str, Any], Optional[LoopbackCollector]]]:
     """Where an example should send: ``(client options, collector or None)``.
 
-    With ``KLIME_WRITE_KEY`` or ``KLIME_ENDPOINT`` in the environment the
-    options are empty, so ``KlimeClient(**options)`` reads both variables and
-    talks to that endpoint. Otherwise a :class:`LoopbackCollector` is started
-    and the options point the client at it.
+    With ``--live`` on the command line the options are empty, so
+    ``KlimeClient(**options)`` reads ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``
+    and sends to that workspace (``--live`` without a key exits with status 2).
+    Otherwise a :class:`LoopbackCollector` is started and the options point the
+    client at it; if the environment names a real workspace, a line on stderr
+    says that it was left alone and how to send to it.
     """
-    if os.environ.get("KLIME_WRITE_KEY") or os.environ.get("KLIME_ENDPOINT"):
+    script = os.path.basename(sys.argv[0]) or "the example"
+    if LIVE_FLAG in sys.argv[1:]:
+        if not os.environ.get("KLIME_WRITE_KEY"):
+            print(f"{LIVE_FLAG} sends to a real workspace: set KLIME_WRITE_KEY (and KLIME_ENDPOINT)", file=sys.stderr)
+            raise SystemExit(2)
         yield {}, None
         return
+    if os.environ.get("KLIME_WRITE_KEY") or os.environ.get("KLIME_ENDPOINT"):
+        where = os.environ.get("KLIME_ENDPOINT") or "the Klime API"
+        print(
+            f"{script} sends demo events, so it uses a local loopback collector, not {where}; "
+            f"to send them to that workspace for real, run: python examples/{script} {LIVE_FLAG}",
+            file=sys.stderr,
+        )
     collector = LoopbackCollector()
     try:
         yield {"write_key": OFFLINE_WRITE_KEY, "endpoint": collector.url}, collector

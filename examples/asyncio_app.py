@@ -10,8 +10,8 @@ decorated with ``client.flushing()`` delivers its events when it returns.
 None of the awaits blocks the event loop: a heartbeat task keeps ticking
 throughout. ``async with`` shuts the client down at the end.
 
-Runs offline against a loopback collector unless ``KLIME_WRITE_KEY`` or
-``KLIME_ENDPOINT`` is set.
+Runs offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ queue is bounded (``max_queue_size``) and drops the oldest event when full,
 so the loop calls ``flush()`` every few hundred rows: that waits for the
 queue to drain and keeps memory flat.
 
-Runs offline against a loopback collector unless ``KLIME_WRITE_KEY`` or
-``KLIME_ENDPOINT`` is set; offline, it runs the backfill twice and shows
-that the second run produced the same message ids.
+Runs offline against a loopback collector unless run with ``--live``, which
+sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``; offline,
+it runs the backfill twice and shows that the second run produced the same
+message ids.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 clients down (delivering what they queued) before Celery ends it with
 ``os._exit``, which skips atexit. ``flush_after_task=True`` also delivers
 after every task, for tasks whose events must be out before the next one.
-Offline against a loopback collector unless ``KLIME_WRITE_KEY`` or
-``KLIME_ENDPOINT`` is set.
+Offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

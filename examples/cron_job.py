@@ -11,8 +11,8 @@ The same body works as a Celery task; in a prefork worker, create the client
 at module level (it is fork-safe) and call ``client.flush(timeout=...)`` at
 the end of the task only if the task must confirm delivery.
 
-Runs offline against a loopback collector unless ``KLIME_WRITE_KEY`` or
-``KLIME_ENDPOINT`` is set.
+Runs offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

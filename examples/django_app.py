@@ -17,8 +17,8 @@ In a real project the pieces go here:
 * Shutdown: the client's exit hook delivers what is queued when the worker
   process exits (bounded by ``shutdown_timeout``, 10 s by default).
 
-The demo runs offline against a loopback collector unless ``KLIME_WRITE_KEY``
-or ``KLIME_ENDPOINT`` is set.
+The demo runs offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ import json
 import threading
 from typing import Any, Dict, Optional
 
-import django
-from django.conf import settings
+try:
+    import django
+    from django.conf import settings
+except ImportError:
+    print("this example needs Django: pip install django")
+    raise SystemExit(0) from None
 
 if not settings.configured:
     settings.configure(

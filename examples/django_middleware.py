@@ -7,7 +7,8 @@ In a project: add ``"klime.integrations.django.KlimeMiddleware"`` to
 ``MIDDLEWARE`` after ``AuthenticationMiddleware`` and put the client options
 in ``settings.KLIME`` (upper-case keys). Views then call ``klime.track(...)``
 on the default client without a ``user_id``. Offline against a loopback
-collector unless ``KLIME_WRITE_KEY`` or ``KLIME_ENDPOINT`` is set.
+collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

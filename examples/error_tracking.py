@@ -14,8 +14,8 @@ inside a ``sentry_sdk.push_scope()`` that sets the extras.
 
 To show both callbacks, the example sends with a valid write key and then
 with a revoked one, which the API answers with 401 (never retried). Runs
-offline against a loopback collector unless ``KLIME_WRITE_KEY`` or
-``KLIME_ENDPOINT`` is set.
+offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

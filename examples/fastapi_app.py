@@ -15,8 +15,8 @@ Where the pieces go:
 * ``identify()`` at login, ``group()`` when the user's company is known,
   ``track()`` where something worth counting happens.
 
-The demo runs offline against a loopback collector unless ``KLIME_WRITE_KEY``
-or ``KLIME_ENDPOINT`` is set.
+The demo runs offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator, Dict, Optional
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+try:
+    from fastapi import Depends, FastAPI, Header, HTTPException, Request
+except ImportError:
+    print("this example needs FastAPI: pip install fastapi httpx")
+    raise SystemExit(0) from None
 
 from klime import KlimeClient
 
@@ -94,7 +98,12 @@ app = create_app()
 def demo() -> int:
     """Drive the app with FastAPI's TestClient and show what Klime received."""
     from _loopback import describe, klime_target
-    from fastapi.testclient import TestClient
+
+    try:
+        from fastapi.testclient import TestClient
+    except (ImportError, RuntimeError):  # Starlette raises RuntimeError when httpx is missing
+        print("the demo drives the app with FastAPI's TestClient, which needs httpx: pip install httpx")
+        return 0
 
     with klime_target() as (options, collector):
         with TestClient(create_app(options)) as web:  # runs the lifespan

@@ -18,7 +18,8 @@ Where the pieces go:
   so Flask needs no teardown code.
 
 ``python examples/flask_app.py`` runs offline against a loopback collector
-unless ``KLIME_WRITE_KEY`` or ``KLIME_ENDPOINT`` is set.
+unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from flask import Flask, current_app, jsonify, request, session
+try:
+    from flask import Flask, current_app, jsonify, request, session
+except ImportError:
+    print("this example needs Flask: pip install flask")
+    raise SystemExit(0) from None
 
 from klime import KlimeClient
 

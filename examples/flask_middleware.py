@@ -7,8 +7,8 @@
 what ``identify(environ)`` returns, so views call ``track`` without ids.
 ``flush=True`` delivers once the response has been sent (for serverless hosts
 that freeze the process between requests); a failing flush never fails the
-response. Offline against a loopback collector unless ``KLIME_WRITE_KEY`` or
-``KLIME_ENDPOINT`` is set.
+response. Offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
     python examples/quickstart.py
 
-With no ``KLIME_WRITE_KEY``/``KLIME_ENDPOINT`` in the environment this runs
-offline: it starts a small collector on 127.0.0.1 that plays the Klime API,
-sends the events to it with a real ``KlimeClient`` and prints what arrived.
-Set ``KLIME_WRITE_KEY`` (and optionally ``KLIME_ENDPOINT``) to send to Klime.
+This runs offline: it starts a small collector on 127.0.0.1 that plays the
+Klime API, sends the events to it with a real ``KlimeClient`` and prints what
+arrived. To send the demo events to your workspace, set ``KLIME_WRITE_KEY``
+(and optionally ``KLIME_ENDPOINT``) and run it with ``--live``.
 """
 
 from __future__ import annotations

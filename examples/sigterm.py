@@ -7,8 +7,8 @@ process without running ``atexit``. ``klime.install_signal_handlers()``
 (opt-in, from the main thread) first shuts every client down within one
 bounded budget, then lets the signal act as before: here the process still
 dies by SIGTERM. This demo starts itself as a child, stops it, and shows
-what arrived. Offline against a loopback collector unless
-``KLIME_WRITE_KEY`` or ``KLIME_ENDPOINT`` is set.
+what arrived. Offline against a loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

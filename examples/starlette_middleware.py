@@ -6,7 +6,8 @@
 The flush after each response never blocks the event loop (the client's
 sending threads hand their result to the loop), and it also covers what
 background tasks tracked after the response went out. Offline against a
-loopback collector unless ``KLIME_WRITE_KEY`` or ``KLIME_ENDPOINT`` is set.
+loopback collector unless run with
+``--live``, which sends to the workspace of ``KLIME_WRITE_KEY`` and ``KLIME_ENDPOINT``.
 """
 
 from __future__ import annotations

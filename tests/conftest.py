@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import pytest
@@ -22,6 +23,13 @@ from .servers import Collector, Held, RawRequest, RawServer, Reply, default_beha
 
 # Quick but realistic settings for tests; each test overrides what it checks.
 FAST = dict(flush_interval=60_000, retry_initial_delay=10, request_timeout=2_000, shutdown_timeout=5_000)
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+SRC = str(ROOT / "src")  # for a subprocess's PYTHONPATH
+
+# The types of the make_client and raw_servers fixtures, for annotations.
+MakeClient = Callable[..., KlimeClient]
+RawServers = Callable[..., RawServer]
 
 
 @pytest.fixture
@@ -67,6 +75,33 @@ def make_client(recorder: Recorder) -> Iterator[Callable[..., KlimeClient]]:
     yield make
     for c in clients:
         c.shutdown(timeout=1)
+
+
+@pytest.fixture
+def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback tests must not be routed through a proxy the machine happens to set.
+
+    Not autouse: transport test modules ask for it with ``pytestmark``.
+    """
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    # urllib ignores HTTP_PROXY when this CGI variable is set (httpoxy).
+    monkeypatch.delenv("REQUEST_METHOD", raising=False)
+
+
+@pytest.fixture
+def closing() -> Iterator[Callable[[Any], Any]]:
+    """Register servers and transports (anything with ``close()``) to be closed at teardown, newest first."""
+    things: List[Any] = []
+
+    def add(thing: Any) -> Any:
+        things.append(thing)
+        return thing
+
+    yield add
+    for t in reversed(things):
+        t.close()
 
 
 @pytest.fixture
@@ -228,6 +263,19 @@ def run_python(
         [sys.executable, "-c", textwrap.dedent(code), *args], timeout=timeout, env=env, cwd=cwd, input=input
     )
 
+
+
+def run_script(tmp_path: Path, code: str, *args: str, timeout: float = PROCESS_TIMEOUT) -> Tuple[int, str, str]:
+    """Write ``code`` (dedented) to ``tmp_path/script.py`` and run it with this checkout's ``src``
+    first on ``PYTHONPATH``, through :func:`run_process` (a timeout kills its group and fails the
+    test). For scripts that need a real file, e.g. for tracebacks or line lookups. Returns
+    ``(returncode, stdout, stderr)``."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH")) if p)
+    proc = run_process([sys.executable, str(script), *args], timeout=timeout, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
 
 # For scripts a test runs that fork: prepend this and wait with wait_for_child(pid) instead of
 # os.waitpid(pid, 0). A child still running after the bound gets SIGABRT (with PYTHONFAULTHANDLER=1,

@@ -57,6 +57,10 @@ class Collector:
     def url(self) -> str:
         return self.server.url_for("/").rstrip("/")
 
+    @property
+    def port(self) -> int:
+        return int(self.server.port)
+
     def respond(self, status: int, body: Any = None, headers: Optional[Dict[str, str]] = None) -> None:
         """Queue one canned answer (body: dict -> JSON, str/bytes as is)."""
         self.script.append((status, body, headers or {}))
@@ -274,6 +278,29 @@ class Held:
     def release(self, *numbers: int) -> None:
         for n in numbers or tuple(self.gates):
             self.gates[n].set()
+
+
+def scripted(*replies: Any) -> Callable[[RawRequest], Any]:
+    """A server behaviour: ``replies`` in order, then the default 200."""
+    pending = list(replies)
+    lock = threading.Lock()
+
+    def behaviour(req: RawRequest) -> Any:
+        with lock:
+            reply = pending.pop(0) if pending else None
+        return default_behaviour(req) if reply is None else reply
+
+    return behaviour
+
+
+def raw_events(server: RawServer) -> List[Dict[str, Any]]:
+    """Every event ``server`` received, in the order its requests arrived."""
+    return [ev for req in server.requests for ev in req.json()["batch"]]
+
+
+def ids_of(events: List[Any]) -> List[str]:
+    """The message ids of events as callbacks get them (``Event`` objects)."""
+    return [ev.messageId for ev in events]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:

@@ -24,11 +24,10 @@ import pytest
 import klime
 from klime import AsyncKlimeClient, BatchResponse, SendError
 
-from .conftest import FAST, Recorder
+from .conftest import FAST, SRC, Recorder
 from .servers import Collector, Held, RawServer, refused_url, wait_until
 
 T = TypeVar("T")
-SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 @pytest.fixture

@@ -20,12 +20,10 @@ import pytest
 import klime
 from klime import BatchResponse, KlimeClient, SendError, Stats
 
-from .conftest import Recorder
-from .servers import Collector, Held, RawRequest, RawServer, Reply, wait_until
+from .conftest import MakeClient, RawServers, Recorder
+from .servers import Collector, Held, RawRequest, Reply, wait_until
 
 KEY = "test-write-key"  # what make_client uses
-MakeClient = Callable[..., KlimeClient]
-Servers = Callable[..., RawServer]
 
 
 def records(caplog: pytest.LogCaptureFixture, text: str, level: int = logging.NOTSET) -> List[logging.LogRecord]:
@@ -498,7 +496,7 @@ def test_stats_retries_and_failures_on_a_refused_connection(
     assert balanced(s)
 
 
-def test_stats_in_flight_and_queued_while_a_batch_is_held(make_client: MakeClient, raw_servers: Servers) -> None:
+def test_stats_in_flight_and_queued_while_a_batch_is_held(make_client: MakeClient, raw_servers: RawServers) -> None:
     gate = Held(0)
     server = raw_servers(gate)
     client = make_client(server.url, max_batch_size=2, max_in_flight=1)
@@ -516,7 +514,7 @@ def test_stats_in_flight_and_queued_while_a_batch_is_held(make_client: MakeClien
 
 
 def test_stats_counts_queue_overflow(
-    make_client: MakeClient, raw_servers: Servers, recorder: Recorder
+    make_client: MakeClient, raw_servers: RawServers, recorder: Recorder
 ) -> None:
     gate = Held(0)
     server = raw_servers(gate)
@@ -534,7 +532,7 @@ def test_stats_counts_queue_overflow(
     assert balanced(s)
 
 
-def test_stats_after_a_flush_deadline(make_client: MakeClient, raw_servers: Servers, recorder: Recorder) -> None:
+def test_stats_after_a_flush_deadline(make_client: MakeClient, raw_servers: RawServers, recorder: Recorder) -> None:
     gate = Held(0)
     server = raw_servers(gate)
     client = make_client(server.url, max_batch_size=2, max_in_flight=1, request_timeout=30_000)
@@ -601,7 +599,7 @@ def _exercise_disabled(client: KlimeClient) -> None:
 
 
 def test_disabled_client_validates_but_sends_nothing(
-    no_klime_env: None, raw_servers: Servers, recorder: Recorder
+    no_klime_env: None, raw_servers: RawServers, recorder: Recorder
 ) -> None:
     server = raw_servers()
     hook_calls: List[Any] = []
@@ -622,7 +620,7 @@ def test_disabled_client_validates_but_sends_nothing(
 
 
 def test_klime_disabled_environment_variable(
-    no_klime_env: None, monkeypatch: pytest.MonkeyPatch, raw_servers: Servers
+    no_klime_env: None, monkeypatch: pytest.MonkeyPatch, raw_servers: RawServers
 ) -> None:
     server = raw_servers()
     monkeypatch.setenv("KLIME_DISABLED", "1")
@@ -762,7 +760,7 @@ def test_klime_debug_environment_variable(
 
 
 def test_debug_outcome_waits_for_a_slow_answer(
-    make_client: MakeClient, raw_servers: Servers, caplog: pytest.LogCaptureFixture
+    make_client: MakeClient, raw_servers: RawServers, caplog: pytest.LogCaptureFixture
 ) -> None:
     def slow(req: RawRequest) -> Reply:
         time.sleep(0.05)

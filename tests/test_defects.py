@@ -15,17 +15,14 @@ import os
 import pickle
 import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
 from klime import KlimeClient, SendError
 
-from .conftest import WAIT_FOR_CHILD, Recorder, run_python
-from .servers import Collector, RawServer, refused_url, wait_until
-
-MakeClient = Callable[..., KlimeClient]
-RawServers = Callable[..., RawServer]
+from .conftest import WAIT_FOR_CHILD, MakeClient, RawServers, Recorder, run_python
+from .servers import Collector, refused_url, wait_until
 
 
 def run_script(code: str, *args: str, timeout: float = 60.0) -> Tuple[int, str, str, float]:

@@ -33,8 +33,8 @@ from klime.types import (
     ValidationError,
 )
 
-from .conftest import Recorder
-from .servers import RawServer, wait_until
+from .conftest import RawServers, Recorder
+from .servers import wait_until
 
 KEY = "wk_dropin_key"
 ENDPOINT = "https://i.klime.example"  # never reached: every test patches urlopen or uses a loopback server
@@ -128,7 +128,7 @@ def test_patched_urlopen_receives_the_batch_as_the_official_sdk_sends_it(
 
 
 def test_a_client_built_before_the_patch_uses_it_and_the_network_after_it(
-    clients: Callable[..., KlimeClient], raw_servers: Callable[..., RawServer], recorder: Recorder
+    clients: Callable[..., KlimeClient], raw_servers: RawServers, recorder: Recorder
 ) -> None:
     server = raw_servers()
     client = clients(server.url)  # a module-level client, created at import
@@ -245,7 +245,7 @@ def test_the_write_key_stays_out_of_what_a_patched_failure_reports(
 
 
 def test_unpatched_sends_build_no_urllib_request(
-    clients: Callable[..., KlimeClient], raw_servers: Callable[..., RawServer]
+    clients: Callable[..., KlimeClient], raw_servers: RawServers
 ) -> None:
     built: List[Any] = []
     original = urllib.request.Request

@@ -17,8 +17,8 @@ import pytest
 from klime import KlimeClient, SendError
 from klime._deadline import Deadline
 
-from .conftest import Recorder
-from .servers import Collector, Held, RawRequest, RawServer, Reply, wait_until
+from .conftest import RawServers, Recorder
+from .servers import Collector, Held, wait_until
 
 KEY = "env-write-key"
 
@@ -52,19 +52,9 @@ def make(recorder: Recorder) -> Iterator[Make]:
 
 
 @pytest.fixture
-def servers() -> Iterator[Callable[..., RawServer]]:
-    started: List[RawServer] = []
-
-    def start(behaviour: Callable[[RawRequest], Reply]) -> RawServer:
-        server = RawServer(behaviour)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if isinstance(server.behaviour, Held):
-            server.behaviour.release()
-        server.close()
+def servers(make: Make, raw_servers: RawServers) -> RawServers:
+    """conftest's ``raw_servers``, closed before ``make``'s clients are shut down (set up after them)."""
+    return raw_servers
 
 
 # --- each variable sets its option ------------------------------------------------------
@@ -240,7 +230,7 @@ def test_flush_interval_from_the_environment_sends_without_flush(
 
 
 def test_max_queue_size_from_the_environment_bounds_the_queue(
-    monkeypatch: pytest.MonkeyPatch, make: Make, servers: Callable[..., RawServer], recorder: Recorder
+    monkeypatch: pytest.MonkeyPatch, make: Make, servers: RawServers, recorder: Recorder
 ) -> None:
     monkeypatch.setenv("KLIME_MAX_QUEUE_SIZE", "5")
     monkeypatch.setenv("KLIME_MAX_BATCH_SIZE", "5")
@@ -261,7 +251,7 @@ def test_max_queue_size_from_the_environment_bounds_the_queue(
 
 
 def test_retry_max_attempts_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch, make: Make, servers: Callable[..., RawServer]
+    monkeypatch: pytest.MonkeyPatch, make: Make, servers: RawServers
 ) -> None:
     monkeypatch.setenv("KLIME_RETRY_MAX_ATTEMPTS", "2")
     monkeypatch.setenv("KLIME_RETRY_INITIAL_DELAY", "5")
@@ -275,7 +265,7 @@ def test_retry_max_attempts_from_the_environment(
 
 
 def test_request_timeout_from_the_environment_bounds_an_attempt(
-    monkeypatch: pytest.MonkeyPatch, make: Make, servers: Callable[..., RawServer]
+    monkeypatch: pytest.MonkeyPatch, make: Make, servers: RawServers
 ) -> None:
     monkeypatch.setenv("KLIME_REQUEST_TIMEOUT", "200")
     monkeypatch.setenv("KLIME_RETRY_MAX_ATTEMPTS", "1")
@@ -287,7 +277,7 @@ def test_request_timeout_from_the_environment_bounds_an_attempt(
 
 
 def test_shutdown_timeout_from_the_environment_bounds_shutdown(
-    monkeypatch: pytest.MonkeyPatch, make: Make, servers: Callable[..., RawServer], recorder: Recorder
+    monkeypatch: pytest.MonkeyPatch, make: Make, servers: RawServers, recorder: Recorder
 ) -> None:
     monkeypatch.setenv("KLIME_SHUTDOWN_TIMEOUT", "300")
     server = servers(lambda req: "hang")

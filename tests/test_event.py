@@ -23,7 +23,7 @@ from datetime import time as dt_time
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
 from freezegun import freeze_time
@@ -32,10 +32,8 @@ import klime
 from klime import Event, KlimeClient, SendError
 from klime._event import Codec, Prepared, coerce_timestamp, copy_fields, format_epoch, new_event
 
-from .conftest import Recorder
+from .conftest import MakeClient, Recorder
 from .servers import Collector, RawServer
-
-MakeClient = Callable[..., KlimeClient]
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")

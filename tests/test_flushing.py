@@ -7,17 +7,15 @@ import inspect
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, Iterator, List
 
 import pytest
 
 import klime
-from klime import AsyncKlimeClient, KlimeClient, _module
+from klime import AsyncKlimeClient, _module
 
-from .conftest import FAST, Recorder
+from .conftest import FAST, MakeClient, Recorder
 from .servers import Collector, RawServer, refused_url
-
-MakeClient = Callable[..., KlimeClient]
 
 
 class BoomError(Exception):

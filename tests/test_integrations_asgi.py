@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
 from klime import KlimeClient
 from klime.integrations.asgi import KlimeMiddleware
 
-from .conftest import Recorder
-from .servers import Collector, Held, RawServer, refused_url
+from .conftest import MakeClient, RawServers, Recorder
+from .servers import Collector, Held, refused_url, wait_until
 
 starlette = pytest.importorskip("starlette")
 pytest.importorskip("httpx")
@@ -59,7 +59,7 @@ def starlette_app(client: KlimeClient, **middleware: Any) -> Starlette:
     return Starlette(routes=routes, middleware=[Middleware(KlimeMiddleware, client=client, **middleware)])
 
 
-def test_scope_and_flush_through_starlette(collector: Collector, make_client: Callable[..., KlimeClient]) -> None:
+def test_scope_and_flush_through_starlette(collector: Collector, make_client: MakeClient) -> None:
     client = make_client(collector.url, **SLOW)
     with TestClient(starlette_app(client, identify=identify, flush=True)) as web:
         assert web.get("/report", headers={"X-User": "u9"}).json() == {"ok": True}
@@ -71,7 +71,7 @@ def test_scope_and_flush_through_starlette(collector: Collector, make_client: Ca
     assert events["Background Done"]["userId"] == "u9"
 
 
-def test_a_view_raising_still_flushes(collector: Collector, make_client: Callable[..., KlimeClient]) -> None:
+def test_a_view_raising_still_flushes(collector: Collector, make_client: MakeClient) -> None:
     client = make_client(collector.url, **SLOW)
     with TestClient(starlette_app(client, flush=True), raise_server_exceptions=False) as web:
         assert web.get("/boom").status_code == 500
@@ -79,20 +79,13 @@ def test_a_view_raising_still_flushes(collector: Collector, make_client: Callabl
 
 
 def test_endpoint_down_never_fails_the_response(
-    make_client: Callable[..., KlimeClient], recorder: Recorder
+    make_client: MakeClient, recorder: Recorder
 ) -> None:
     client = make_client(refused_url(), **SLOW, retry_max_attempts=50, retry_initial_delay=50)
     with TestClient(starlette_app(client, flush=True, flush_timeout=0.5)) as web:
         response = web.get("/explicit")
     assert response.status_code == 200 and response.json() == {"ok": True}
-    assert wait_for(lambda: [e.reason for e, _ in recorder.errors] == ["flush_deadline"])  # type: ignore[attr-defined]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
+    assert wait_until(lambda: [e.reason for e, _ in recorder.errors] == ["flush_deadline"])  # type: ignore[attr-defined]
 
 
 async def _raw_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
@@ -114,7 +107,7 @@ async def _drive(app: Any, n: int) -> List[Dict[str, Any]]:
 
 
 def test_a_hanging_endpoint_never_blocks_the_loop_nor_starts_threads(
-    raw_servers: Callable[..., RawServer], make_client: Callable[..., KlimeClient], recorder: Recorder
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
 ) -> None:
     server = raw_servers(Held(0))
     client = make_client(server.url, **SLOW, request_timeout=30_000)
@@ -154,7 +147,7 @@ def test_a_hanging_endpoint_never_blocks_the_loop_nor_starts_threads(
     ticks = asyncio.run(main())
     assert time.monotonic() - started < 20
     assert ticks >= 5  # the loop kept running while 20 flushes waited on a hanging endpoint
-    assert wait_for(lambda: sum(len(evs) for _, evs in recorder.errors) == 20)
+    assert wait_until(lambda: sum(len(evs) for _, evs in recorder.errors) == 20)
 
 
 def test_a_flush_that_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
@@ -165,7 +158,7 @@ def test_a_flush_that_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixtu
     wrapped = KlimeMiddleware(_raw_app, Broken(), flush=True)  # type: ignore[arg-type]
     sent = asyncio.run(_drive(wrapped, 1))
     assert sent[-1]["body"] == b"ok"
-    assert wait_for(lambda: "flush exploded" in caplog.text)
+    assert wait_until(lambda: "flush exploded" in caplog.text)
 
 
 def test_lifespan_passes_through() -> None:
@@ -181,7 +174,7 @@ def test_lifespan_passes_through() -> None:
     assert seen == ["lifespan"]
 
 
-def test_tasks_get_their_own_scope(collector: Collector, make_client: Callable[..., KlimeClient]) -> None:
+def test_tasks_get_their_own_scope(collector: Collector, make_client: MakeClient) -> None:
     client = make_client(collector.url, **SLOW)
 
     async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:

@@ -9,20 +9,17 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from klime import KlimeClient
-
+from .conftest import ROOT, MakeClient
 from .servers import Collector
 
 celery = pytest.importorskip("celery")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_eager_task_flushes_after_each_task(collector: Collector, make_client: Callable[..., KlimeClient]) -> None:
+def test_eager_task_flushes_after_each_task(collector: Collector, make_client: MakeClient) -> None:
     from klime.integrations.celery import install
 
     client = make_client(collector.url, flush_interval=60_000)

@@ -16,8 +16,8 @@ import pytest
 from klime import KlimeClient
 from klime.integrations.wsgi import KlimeMiddleware
 
-from .conftest import Recorder
-from .servers import Collector, Held, RawServer, refused_url
+from .conftest import MakeClient, RawServers, Recorder
+from .servers import Collector, Held, refused_url
 
 flask = pytest.importorskip("flask")
 
@@ -59,7 +59,7 @@ def from_header(environ: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def test_track_in_a_view_takes_ids_and_properties_from_identify(
-    collector: Collector, make_client: Callable[..., KlimeClient]
+    collector: Collector, make_client: MakeClient
 ) -> None:
     client = make_client(collector.url, **SLOW)
     app = flask_app(client)
@@ -78,7 +78,7 @@ def test_track_in_a_view_takes_ids_and_properties_from_identify(
 
 
 def test_a_streamed_body_is_produced_inside_the_scope(
-    collector: Collector, make_client: Callable[..., KlimeClient]
+    collector: Collector, make_client: MakeClient
 ) -> None:
     client = make_client(collector.url, **SLOW)
     app = flask_app(client)
@@ -90,7 +90,7 @@ def test_a_streamed_body_is_produced_inside_the_scope(
 
 
 def test_flush_true_delivers_before_the_request_is_over(
-    collector: Collector, make_client: Callable[..., KlimeClient]
+    collector: Collector, make_client: MakeClient
 ) -> None:
     client = make_client(collector.url, **SLOW)
     app = flask_app(client)
@@ -134,7 +134,7 @@ def test_flush_runs_when_the_iterable_is_closed_not_before() -> None:
 
 
 def test_a_view_raising_still_flushes(
-    collector: Collector, make_client: Callable[..., KlimeClient]
+    collector: Collector, make_client: MakeClient
 ) -> None:
     client = make_client(collector.url, **SLOW)
     app = flask_app(client)
@@ -154,7 +154,7 @@ def test_a_view_raising_still_flushes(
 
 
 def test_endpoint_down_never_fails_the_response(
-    make_client: Callable[..., KlimeClient], recorder: Recorder
+    make_client: MakeClient, recorder: Recorder
 ) -> None:
     client = make_client(refused_url(), **SLOW, retry_max_attempts=50, retry_initial_delay=50)
     app = flask_app(client)
@@ -168,7 +168,7 @@ def test_endpoint_down_never_fails_the_response(
 
 
 def test_a_hanging_endpoint_is_cut_at_flush_timeout(
-    raw_servers: Callable[..., RawServer], make_client: Callable[..., KlimeClient], recorder: Recorder
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
 ) -> None:
     server = raw_servers(Held(0))
     client = make_client(server.url, **SLOW, request_timeout=30_000)
@@ -197,7 +197,7 @@ def test_a_flush_that_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixtu
 
 
 def test_identify_that_raises_or_returns_junk_leaves_the_request_alone(
-    collector: Collector, make_client: Callable[..., KlimeClient], caplog: pytest.LogCaptureFixture
+    collector: Collector, make_client: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = make_client(collector.url, **SLOW)
     app = flask_app(client)
@@ -242,7 +242,7 @@ def test_default_client_is_flushed_when_client_is_none(collector: Collector) -> 
 
 
 def test_threads_handle_requests_in_separate_scopes(
-    collector: Collector, make_client: Callable[..., KlimeClient]
+    collector: Collector, make_client: MakeClient
 ) -> None:
     client = make_client(collector.url, **SLOW)
     barrier = threading.Barrier(4)

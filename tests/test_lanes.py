@@ -9,18 +9,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Callable, List
+from typing import List
 
 import pytest
 
 import klime._worker
-from klime import KlimeClient
 
-from .conftest import Recorder
+from .conftest import MakeClient, RawServers, Recorder
 from .servers import RawRequest, RawServer, Reply, wait_until
-
-MakeClient = Callable[..., KlimeClient]
-RawServers = Callable[..., RawServer]
 
 
 class Distant:

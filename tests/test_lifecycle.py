@@ -19,20 +19,8 @@ import pytest
 
 from klime import KlimeClient, SendError
 
-from .conftest import FAST, WAIT_FOR_CHILD, Recorder, fork_and_wait, run_process
-from .servers import Collector, Held, RawServer, wait_until
-
-MakeClient = Callable[..., KlimeClient]
-RawServers = Callable[..., RawServer]
-
-
-def ids_of(events: List[Any]) -> List[str]:
-    return [ev.messageId for ev in events]
-
-
-def raw_events(server: RawServer) -> List[Dict[str, Any]]:
-    return [ev for req in server.requests for ev in req.json()["batch"]]
-
+from .conftest import FAST, WAIT_FOR_CHILD, MakeClient, RawServers, Recorder, fork_and_wait, run_process
+from .servers import Collector, Held, ids_of, raw_events, wait_until
 
 # --- shutdown ----------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 from typing import Iterator, List
 
 import pytest
@@ -15,10 +14,8 @@ import pytest
 import klime
 from klime import KlimeClient, SendError, _lifecycle, _module
 
-from .conftest import FAST, Recorder
+from .conftest import FAST, SRC, Recorder
 from .servers import Collector, refused_url
-
-SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,8 @@ import pytest
 
 import klime
 
-from .conftest import run_process
+from .conftest import ROOT, run_process
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "klime"
 
 BUILD = """
@@ -84,7 +83,8 @@ def test_wheel_metadata(dists: Dict[str, Path]) -> None:
     assert meta["Description-Content-Type"] == "text/markdown"
     classifiers = meta.get_all("Classifier") or []
     assert "Typing :: Typed" in classifiers
-    for minor in range(9, 14):
+    assert "Development Status :: 5 - Production/Stable" in classifiers
+    for minor in range(9, 15):
         assert f"Programming Language :: Python :: 3.{minor}" in classifiers
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [])
     assert {"Homepage", "Repository", "Issues", "Changelog"} <= set(urls)
@@ -107,7 +107,7 @@ def test_wheel_installs_the_klime_command(dists: Dict[str, Path]) -> None:
 def test_sdist_holds_sources_docs_and_tests(dists: Dict[str, Path]) -> None:
     with tarfile.open(dists["sdist"]) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
-    for required in ("README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "src/klime/py.typed"):
+    for required in ("README.md", "CHANGELOG.md", "CONTRIBUTING.md", "LICENSE", "pyproject.toml", "src/klime/py.typed"):
         assert required in names, required
     assert any(n.startswith("tests/") for n in names)
     assert any(n.startswith("examples/") for n in names)

@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from klime import BatchResponse, Event, KlimeClient
 
-from .conftest import run_process
+from .conftest import ROOT, run_process
 from .servers import RawRequest, RawServer, Reply
 
 SEED = int(os.environ.get("KLIME_RELIABILITY_SEED", "20261122"))
@@ -65,7 +65,6 @@ FLUSH_OVERRUN_BOUND = 1.0
 RUN_LIMIT = 60.0
 EXIT_BOUND = 5.0  # from the scenario's last line to the process being gone
 
-ROOT = Path(__file__).resolve().parents[1]
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 OVERSIZE = "x" * 210_000
 NEVER_SENT = ("queue_overflow", "oversize", "unencodable")

@@ -7,61 +7,22 @@ timeout, so a hang is a failure and never an orphan.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 
+from .conftest import WAIT_FOR_CHILD, run_script
 from .servers import RawServer
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 
-def run_script(tmp_path: Path, code: str, *args: str, timeout: float = 60) -> Tuple[int, str, str]:
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(code))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return -999, out, err
-    return proc.returncode, out, err
-
-
-WAIT_CHILD = """
-def wait_child(pid, limit=15):
-    import os, time
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    return "hung"
-"""
 
 
 # --- a client built in the child of a C fork, before any call --------------------------------------
 
 NEW_CLIENT_IN_C_CHILD = (
-    WAIT_CHILD
+    WAIT_FOR_CHILD
     + """
 import ctypes, os, sys, threading, time
 from klime import KlimeClient
@@ -86,7 +47,7 @@ if pid == 0:
     ok = ok and local.flush(timeout=5)
     print("child", ok, crashes, flush=True)
     os._exit(0)
-print("child exit", wait_child(pid), "parent", parent.flush(timeout=10), flush=True)
+print("child exit", wait_for_child(pid, 15), "parent", parent.flush(timeout=10), flush=True)
 """
 )
 
@@ -109,7 +70,7 @@ def test_review_client_built_in_a_c_fork_child_is_not_reset_under_its_dispatcher
 # --- several threads make their first call at once in the child of a C fork ---------------------------
 
 MANY_FIRST_CALLS = (
-    WAIT_CHILD
+    WAIT_FOR_CHILD
     + """
 import ctypes, os, sys, threading, time
 from klime import KlimeClient, SendError
@@ -155,7 +116,7 @@ for r in range(rounds):
         ok = client.shutdown(timeout=5)
         print("child", r, ok, errors, crashes, flush=True)
         os._exit(0)
-    code = wait_child(pid)
+    code = wait_for_child(pid, 15)
     if code != 0:
         print("child", r, "exit", code, flush=True)
 print("parent", client.flush(timeout=10), flush=True)
@@ -187,7 +148,7 @@ def test_review_many_first_calls_at_once_in_c_fork_children(tmp_path: Path) -> N
 # --- a client that is not registered (disabled, or shut down) in a forked child -------------------------
 
 UNREGISTERED = (
-    WAIT_CHILD
+    WAIT_FOR_CHILD
     + """
 import os, sys
 from klime import KlimeClient
@@ -216,7 +177,7 @@ if pid == 0:
     client.flush(timeout=1)
     os._exit(0)
 release.set()
-print("child", wait_child(pid, 10), flush=True)
+print("child", wait_for_child(pid, 10), flush=True)
 """
 )
 

@@ -13,17 +13,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 import pytest
 
 from klime import KlimeClient
 
-from .conftest import FAST
-from .servers import RawRequest, RawServer, Reply, default_behaviour, wait_until
-
-MakeClient = Callable[..., KlimeClient]
-RawServers = Callable[..., RawServer]
+from .conftest import FAST, RawServers
+from .servers import RawRequest, Reply, default_behaviour, wait_until
 
 
 class Faulty:

@@ -15,11 +15,8 @@ from typing import Any, Callable, List
 
 from klime import KlimeClient, _lifecycle
 
-from .conftest import FAST, Recorder
-from .servers import RawRequest, RawServer, Reply, default_behaviour, wait_until
-
-MakeClient = Callable[..., KlimeClient]
-RawServers = Callable[..., RawServer]
+from .conftest import FAST, MakeClient, RawServers, Recorder
+from .servers import RawRequest, Reply, default_behaviour, wait_until
 
 
 def fresh_logger(name: str, handler: logging.Handler) -> logging.Logger:

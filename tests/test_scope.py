@@ -8,19 +8,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
 import klime
 from klime import AsyncKlimeClient, KlimeClient
 
-from .conftest import FAST
+from .conftest import FAST, SRC, MakeClient
 from .servers import Collector
-
-MakeClient = Callable[..., KlimeClient]
-SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 def sent(collector: Collector, client: KlimeClient, n: int) -> List[Dict[str, Any]]:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import types
-from pathlib import Path
 from typing import Any, Dict
 
 import pytest
@@ -17,9 +16,8 @@ import pytest
 import klime
 from klime import _signals
 
+from .conftest import ROOT
 from .servers import Collector
-
-ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import signal, sys, time

@@ -8,14 +8,13 @@ bounded attempt from an unbounded one, not fast from slow.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, List
 
 import pytest
 
@@ -34,34 +33,15 @@ from .servers import (
     drop_connections,
     refused_url,
     response_bytes,
+    scripted,
 )
+
+pytestmark = pytest.mark.usefixtures("no_ambient_proxy")  # loopback only
+
 
 KEY = "wk_live_SECRET-123"
 BODY = json.dumps({"batch": [{"type": "track", "event": "A", "userId": "u1"}]}).encode()
 OK = json.dumps({"status": "ok", "accepted": 1, "failed": 0}).encode()  # as default_behaviour answers
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loopback tests must not be routed through a proxy the machine happens to set."""
-    for name in list(os.environ):
-        if name.lower().endswith("_proxy"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("REQUEST_METHOD", raising=False)
-
-
-@pytest.fixture
-def closing() -> Iterator[Callable[[Any], Any]]:
-    """Register servers and transports to be closed at teardown."""
-    things: List[Any] = []
-
-    def add(thing: Any) -> Any:
-        things.append(thing)
-        return thing
-
-    yield add
-    for t in reversed(things):
-        t.close()
 
 
 @pytest.fixture
@@ -70,19 +50,6 @@ def trust_test_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cafile = tmp_path / "ca.pem"
     cafile.write_text(CA_CERT)
     monkeypatch.setenv("SSL_CERT_FILE", str(cafile))
-
-
-def scripted(*replies: Any) -> Callable[[RawRequest], Any]:
-    """A server behaviour: ``replies`` in order, then the default 200."""
-    pending = list(replies)
-    lock = threading.Lock()
-
-    def behaviour(req: RawRequest) -> Any:
-        with lock:
-            reply = pending.pop(0) if pending else None
-        return default_behaviour(req) if reply is None else reply
-
-    return behaviour
 
 
 def never() -> Deadline:

@@ -8,9 +8,8 @@ which only the proxy sees. Real proxies and servers on loopback.
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable
 
 import pytest
 
@@ -19,30 +18,11 @@ from klime._transport import HttpTransport
 
 from .servers import CA_CERT, LOOPBACK_CERT, Collector, ForwardProxy, TlsFront, WireServer
 
+pytestmark = pytest.mark.usefixtures("no_ambient_proxy")  # loopback only
+
+
 KEY = "test-write-key"
 BODY = b'{"batch": [{"type": "track", "event": "A", "userId": "u1"}]}'
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.lower().endswith("_proxy"):
-            monkeypatch.delenv(name)
-    # urllib ignores HTTP_PROXY when this CGI variable is set (httpoxy).
-    monkeypatch.delenv("REQUEST_METHOD", raising=False)
-
-
-@pytest.fixture
-def closing() -> Iterator[Callable[[Any], Any]]:
-    things: List[Any] = []
-
-    def add(thing: Any) -> Any:
-        things.append(thing)
-        return thing
-
-    yield add
-    for t in reversed(things):
-        t.close()
 
 
 def post(t: HttpTransport, times: int = 1) -> None:
@@ -87,7 +67,7 @@ def test_no_proxy_bypasses_the_proxy_for_listed_hosts(
     closing: Callable[[Any], Any],
     collector: Collector,
 ) -> None:
-    port = collector.server.port
+    port = collector.port
     assert collector.url.startswith("http://localhost:")
     proxy = closing(ForwardProxy())
     monkeypatch.setenv("HTTP_PROXY", proxy.url)

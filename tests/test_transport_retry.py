@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import time
 import traceback
 from datetime import datetime, timedelta, timezone
 from email.message import Message
 from email.utils import format_datetime
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import pytest
 from freezegun import freeze_time
@@ -36,7 +35,10 @@ from klime._transport import (
     parse_retry_after,
 )
 
-from .servers import Collector, RawRequest, WireServer, default_behaviour, refused_url
+from .servers import Collector, RawRequest, WireServer, default_behaviour, refused_url, scripted
+
+pytestmark = pytest.mark.usefixtures("no_ambient_proxy")  # loopback only
+
 
 LOG = logging.getLogger("klime.test")
 KEY = "wk_SECRET_0123456789"
@@ -72,40 +74,8 @@ class RecordingEvent(threading.Event):
         return self.is_set()
 
 
-@pytest.fixture(autouse=True)
-def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.lower().endswith("_proxy"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def closing() -> Iterator[Callable[[Any], Any]]:
-    things: List[Any] = []
-
-    def add(thing: Any) -> Any:
-        things.append(thing)
-        return thing
-
-    yield add
-    for t in reversed(things):
-        t.close()
-
-
 def sender(url: str, attempts: int = 3, initial: float = 0.01, timeout: float = 2.0) -> Sender:
     return Sender(HttpTransport(url, KEY, timeout), RetryPolicy(attempts, initial), LOG, KEY)
-
-
-def scripted(*replies: Any) -> Callable[[RawRequest], Any]:
-    pending = list(replies)
-    lock = threading.Lock()
-
-    def behaviour(req: RawRequest) -> Any:
-        with lock:
-            reply = pending.pop(0) if pending else None
-        return default_behaviour(req) if reply is None else reply
-
-    return behaviour
 
 
 def deliver(s: Sender, n: int = 1, interrupt: Optional[threading.Event] = None, **kw: Any) -> BatchResponse:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import urllib.error
 import urllib.request
 from email.message import Message
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable
 from unittest.mock import MagicMock, patch
 
 import pytest
@@ -27,29 +26,12 @@ from klime._transport import HttpTransport, RetryPolicy, Sender, UrllibTransport
 
 from .servers import WireServer
 
+pytestmark = pytest.mark.usefixtures("no_ambient_proxy")  # loopback only
+
+
 KEY = "wk_test_key"
 BODY = json.dumps({"batch": [{"type": "track", "event": "A", "userId": "u1"}]}).encode()
 LOG = logging.getLogger("klime.test")
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.lower().endswith("_proxy"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def closing() -> Iterator[Callable[[Any], Any]]:
-    things: List[Any] = []
-
-    def add(thing: Any) -> Any:
-        things.append(thing)
-        return thing
-
-    yield add
-    for t in reversed(things):
-        t.close()
 
 
 def fake_response(status: int = 200, body: Any = None, headers: Any = None) -> MagicMock:

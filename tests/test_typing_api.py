@@ -12,7 +12,8 @@ from typing import List
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT
+
 TYPING = ROOT / "tests" / "typing"
 
 pytest.importorskip("mypy")

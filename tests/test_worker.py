@@ -13,27 +13,26 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from klime import BatchResponse, Event, KlimeClient, SendError
+from klime import BatchResponse, Event, SendError
 
-from .conftest import Recorder
-from .servers import Collector, Held, RawRequest, RawServer, Reply, default_behaviour, refused_url, wait_until
+from .conftest import MakeClient, RawServers, Recorder
+from .servers import (
+    Collector,
+    Held,
+    RawRequest,
+    Reply,
+    default_behaviour,
+    ids_of,
+    raw_events,
+    refused_url,
+    wait_until,
+)
 
 MiB = 1024 * 1024
-
-MakeClient = Callable[..., KlimeClient]
-RawServers = Callable[..., RawServer]
-
-
-def ids_of(events: List[Event]) -> List[str]:
-    return [ev.messageId for ev in events]
-
-
-def raw_events(server: RawServer) -> List[Dict[str, Any]]:
-    return [ev for req in server.requests for ev in req.json()["batch"]]
 
 
 # --- 1. one long-lived flusher thread -----------------------------------------

@@ -12,17 +12,14 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
-from klime import BatchResponse, KlimeClient
+from klime import BatchResponse
 
-from .conftest import Recorder, run_process
-from .servers import RawRequest, RawServer, Reply, default_behaviour
-
-MakeClient = Callable[..., KlimeClient]
-RawServers = Callable[..., RawServer]
+from .conftest import MakeClient, RawServers, Recorder, run_process
+from .servers import RawRequest, Reply, default_behaviour
 
 
 class Gate:
