@@ -63,7 +63,7 @@ def test_every_page_is_there() -> None:
 
 
 def test_docs_have_runnable_examples() -> None:
-    assert len(RUNNABLE) >= 40, "the docs lost their examples?"
+    assert len(RUNNABLE) >= 30, "the docs lost their examples?"
     no_run = len(PYTHON) - len(RUNNABLE)
     assert no_run <= 12, "keep examples runnable; <!-- no-run --> is for framework and application code"
 
@@ -167,9 +167,10 @@ def test_api_names_every_export() -> None:
     text = (DOCS / "api.md").read_text(encoding="utf-8")
     for module in (klime, klime.types, klime.testing):
         for name in module.__all__:
-            if name.startswith("_") or name == "REASONS":
+            if name == "REASONS":
                 continue
-            assert f"`{name}" in text or f".{name}`" in text, f"api.md does not document {module.__name__}.{name}"
+            documented = re.search(rf"`[^`\n]*\b{re.escape(name)}\b[^`\n]*`", text)
+            assert documented, f"api.md does not document {module.__name__}.{name}"
 
 
 # --- performance figures -----------------------------------------------------------------------
@@ -206,18 +207,21 @@ def _median(dump: Dict[str, Any], workload: str, sdk: str, key: str) -> Tuple[Op
     return statistics.median(values), any(r.get("lower", {}).get(key, False) for r in runs)
 
 
+DASH, TIMES, AT_LEAST = "\u2013", "\u00d7", "\u2265"  # how the pages print "-", "x" and ">="
+
+
 def _fmt(bench: Any, value: Optional[float], unit: str, lower: bool) -> str:
     text = bench.fmt_value(value, unit, lower)
-    return "–" if text == "-" else text.replace(" us", " µs").replace(">= ", "≥ ")
+    return DASH if text == "-" else text.replace(" us", " \u00b5s").replace(">= ", f"{AT_LEAST} ")
 
 
 def _ratio(bench: Any, other: Optional[float], ours: Optional[float], other_lb: bool, ours_lb: bool) -> str:
     text = bench.fmt_ratio(other, ours, other_lb, ours_lb)
     if text == "-":
-        return "–"
+        return DASH
     if other is not None and ours and other / ours >= 1000:
-        return "> 1000×"
-    return text.replace(">= ", "≥ ").replace("x", "×")
+        return f"> 1000{TIMES}"
+    return text.replace(">= ", f"{AT_LEAST} ").replace("x", TIMES)
 
 
 def render(dump: Dict[str, Any], bench: Any) -> Dict[str, str]:
@@ -232,7 +236,7 @@ def render(dump: Dict[str, Any], bench: Any) -> Dict[str, str]:
     for name, wl in dump["workloads"].items():
         head = ["figure", *[column(s) for s in sdks]]
         if "ref" in sdks:
-            head.insert(3, "1.1.0 ÷ this")
+            head.insert(3, "1.1.0 \u00f7 this")
         rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for fig in wl["figures"]:
             cells = [fig["label"]]
@@ -264,22 +268,24 @@ def render(dump: Dict[str, Any], bench: Any) -> Dict[str, str]:
     return out
 
 
-SECTION = re.compile(r"(<!-- bench:([\w-]+) -->\n)(.*?)(\n<!-- /bench -->)", re.DOTALL)
+# A section's lines, possibly none; never across another marker.
+SECTION = re.compile(r"(<!-- bench:([\w-]+) -->\n)((?:(?!<!-- /?bench).)*?)(<!-- /bench -->)", re.DOTALL)
 
 
 def sections(text: str) -> Dict[str, str]:
-    return {m.group(2): m.group(3) for m in SECTION.finditer(text)}
+    return {m.group(2): m.group(3).rstrip("\n") for m in SECTION.finditer(text)}
 
 
 def rewrite(text: str, rendered: Dict[str, str]) -> str:
-    return SECTION.sub(lambda m: m.group(1) + rendered[m.group(2)] + m.group(4), text)
+    return SECTION.sub(lambda m: m.group(1) + rendered[m.group(2)] + "\n" + m.group(4), text)
 
 
 @pytest.mark.parametrize("page", [DOCS / "performance.md", README], ids=lambda p: p.name)
 def test_figures_come_from_the_saved_benchmark(page: Path) -> None:
     rendered = render(json.loads(LATEST.read_text(encoding="utf-8")), _bench())
     found = sections(page.read_text(encoding="utf-8"))
-    assert found, f"{page.name} has no <!-- bench:... --> sections"
+    wanted = {"summary", "run"} if page == README else set(rendered) - {"summary"}
+    assert set(found) == wanted, f"{page.name} should have exactly the bench sections {sorted(wanted)}"
     for name, text in found.items():
         assert text == rendered[name], (
             f"{page.name}: the '{name}' figures differ from {LATEST.relative_to(ROOT)}; "
