@@ -1,5 +1,5 @@
 """KlimeClient's public surface: the docs' examples, the constructor, call-site
-errors, the conveniences of SPEC 3.8, the ``*_sync`` calls and the exports.
+errors, the conveniences (docs/api.md), the ``*_sync`` calls and the exports.
 """
 
 from __future__ import annotations
@@ -543,7 +543,7 @@ def test_float_durations_are_accepted(collector: Collector, make_client: MakeCli
     assert (client.flush_interval, client.retry_initial_delay) == (50.5, 0.5)
 
 
-# --- SPEC 3.7: programmer mistakes raise at the call site ------------------------------
+# --- programmer mistakes raise at the call site (docs/delivery.md) ------------------------------
 
 CALL_ERRORS: List[Tuple[str, Tuple[Any, ...], Dict[str, Any], type, str]] = [
     ("track", ("",), {"user_id": "u"}, ValueError, "event name"),
@@ -626,7 +626,7 @@ def test_runtime_conditions_never_raise_from_async_calls(recorder: Recorder, mak
     assert len(recorder.failed_events) == 10
 
 
-# --- SPEC 3.8: conveniences ----------------------------------------------------------------
+# --- conveniences (docs/configuration.md) ----------------------------------------------------------------
 
 
 def test_write_key_and_endpoint_from_environment(env: Collector, own_clients: List[KlimeClient]) -> None:

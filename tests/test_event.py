@@ -1,4 +1,4 @@
-"""The events on the wire (SPEC 1) and the values they may carry (SPEC 3.5).
+"""The events on the wire and the values they may carry (docs/design.md, "Values").
 
 Everything is read back from what a loopback server received, so these tests
 check the bytes the SDK really sends, not an internal representation.
@@ -267,7 +267,7 @@ def test_timestamp_under_freezegun_is_the_frozen_time(
     assert [ev["timestamp"] for ev in events[1:]] == [expected] * 3
 
 
-# --- SPEC 3.5 values ------------------------------------------------------------
+# --- values (docs/design.md, Values) ------------------------------------------------------------
 
 
 class Color(enum.Enum):

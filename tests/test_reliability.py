@@ -1,4 +1,4 @@
-"""SPEC 3.6 ("nothing lost silently") under a seeded storm of faults.
+"""Nothing lost silently (docs/delivery.md) under a seeded storm of faults.
 
 A loopback server answers every batch with a seeded choice of: 200, 202
 with no body, 200 with some events rejected, 400, 429 (sometimes with
@@ -15,7 +15,7 @@ through, the process forks; the child produces its own events through the
 inherited client, shuts it down, writes what it saw and leaves with
 ``os._exit``. The parent then shuts down and writes its own account.
 
-Every id must end in one of the places SPEC 3.6 allows: accepted by the
+Every id must end in one of the places docs/delivery.md allows: accepted by the
 server in an answered 2xx, rejected in a 2xx partial failure *and* named in
 the client's log, or handed to ``on_error`` with a reason, all by the time
 ``shutdown()`` returned. The server decides each request's fault from the

@@ -421,7 +421,7 @@ def test_exceptions_in_callbacks_are_logged_and_the_client_keeps_working(
     assert len(raised) == 3
 
 
-# --- 10. nothing lost silently (SPEC 3.6) -------------------------------------------------------------
+# --- 10. nothing lost silently (docs/delivery.md) -------------------------------------------------------------
 
 
 class Mixed:

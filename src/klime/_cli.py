@@ -150,7 +150,7 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=_positive_seconds,
         default=argparse.SUPPRESS,
-        help="time allowed to connect and for each read, per attempt (default: 10)",
+        help="time one attempt may take in all: connect, send, whole answer (default: 10)",
     )
     group.add_argument(
         "--retries",
