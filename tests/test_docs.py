@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pytest
 
 from .servers import Collector
-from .test_readme import PENDING, Block, blocks_in, cli_lines, compile_block, run_block, run_cli_line
+from .test_readme import Block, blocks_in, cli_lines, compile_block, run_block, run_cli_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -113,8 +113,6 @@ def links(path: Path) -> List[Tuple[str, str]]:
 def test_links_resolve(page: Path) -> None:
     for file, anchor in links(page):
         target = (page.parent / file).resolve() if file else page
-        if file in PENDING and not target.exists():
-            continue
         assert target.exists(), f"{page.name} links to {file}, which does not exist"
         if anchor and target.suffix == ".md":
             assert anchor in anchors(target), f"{page.name} links to {file}#{anchor}, which is no heading there"
