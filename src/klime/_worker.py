@@ -96,6 +96,8 @@ class Worker:
         self._threadless = False  # no thread could be started: flush() sends itself
         self._lanes = 0
         self._idle = 0
+        self._awaiting_lane = False  # direct sends wait for a lane: a lane that frees up says so
+        self._next_tick = monotonic() + self._interval  # when a partly filled batch is due
         self._healthy = True  # the last request succeeded: more lanes may open
         # How long the last few successful requests took; the shortest is the
         # network's share (a longer one may have waited for the CPU).
@@ -124,7 +126,9 @@ class Worker:
                 # already delivered what was queued and nothing will send this
                 # event any more, so it is ignored like any call after shutdown.
                 return False
-            if (overflow or len(ledger.queue) >= self._send_at) and not self._wake_pending:
+            if not self._wake_pending and (
+                overflow or (len(ledger.queue) >= self._send_at and self._dispatch_needed())
+            ):
                 self._wake_pending = True
                 self._work.notify()
             if self._dispatcher is not None or self._starting or self._threadless:
@@ -347,7 +351,7 @@ class Worker:
         with self._lock:
             self._threads[me] = "dispatcher"
             self._reporter.flusher_threads.add(me)
-        next_tick = monotonic() + self._interval
+        self._next_tick = monotonic() + self._interval
         while True:
             start_lane = False
             drops: Optional[Batch] = None
@@ -364,7 +368,7 @@ class Worker:
                         len(q) >= self._send_at
                         or q[0]._seq < self._flush_upto
                         or self._stopping
-                        or now >= next_tick
+                        or now >= self._next_tick
                     )
                     pause = self._sender.paused()
                     free = self._idle > len(self._ready)
@@ -375,7 +379,7 @@ class Worker:
                         batch = ledger.take_batch(self._batch_size)
                         assert batch is not None
                         self._ready.append(batch)
-                        next_tick = now + self._interval
+                        self._next_tick = now + self._interval
                         if free:
                             self._idle_lanes.notify()
                             continue
@@ -390,11 +394,19 @@ class Worker:
                     if self._stopping and not q:
                         self._threads.pop(me, None)
                         return
+                    # Busy lanes take due batches themselves when they finish;
+                    # only direct sends wait here for a lane to free up.
+                    self._awaiting_lane = len(self._ready) > self._idle
                     if due:
-                        # Busy lanes or a pause: a lane finishing, or the pause ending, wakes us.
-                        wait: Optional[float] = pause if pause > 0 else None
+                        # A pause, a lane freeing up for a direct send, or (busy
+                        # lanes take due batches themselves) new work wakes us.
+                        wait: Optional[float] = self._interval
+                        if pause > 0:
+                            wait = pause
+                        elif self._awaiting_lane:
+                            wait = None
                     elif q:
-                        wait = next_tick - now
+                        wait = self._next_tick - now
                     else:
                         wait = self._interval
                     self._work.wait(None if wait is None else min(max(wait, 0.001), 3600.0))
@@ -402,6 +414,29 @@ class Worker:
                 self._finish_drops(drops)
             if start_lane:
                 self._start_lane()
+
+    def _dispatch_needed(self) -> bool:
+        """A batch is due: whether the dispatcher must act (lock held).
+
+        A busy lane takes the next due batch itself when it finishes, so the
+        dispatcher (and a thread switch) is needed only to wake an idle lane,
+        start the first one, or open another (docs/design.md, "Lanes").
+        """
+        return self._idle > 0 or self._lanes == 0 or (
+            self._lanes < self._max_lanes and self._healthy and self._slow_network()
+        )
+
+    def _take_due(self) -> Optional[Batch]:
+        """A batch that is due (full, asked for, or the interval passed) for a free lane (lock held)."""
+        q = self.ledger.queue
+        if not q:
+            return None
+        now = monotonic()
+        due = len(q) >= self._send_at or q[0]._seq < self._flush_upto or self._stopping or now >= self._next_tick
+        if not due or self._sender.paused() > 0:
+            return None
+        self._next_tick = now + self._interval
+        return self.ledger.take_batch(self._batch_size)
 
     def _slow_network(self) -> bool:
         """Whether requests wait on the network long enough for more lanes to help (lock held)."""
@@ -535,26 +570,36 @@ class Worker:
             self._reporter.flusher_threads.add(me)
         try:
             while True:
+                job: Union[Batch, _Direct, None] = None
                 with self._lock:
                     if not self._ready:
+                        job = self._take_due()
+                    if job is None and not self._ready:
                         self._idle += 1
                         try:
                             idle_since = monotonic()
                             while not self._ready and not self._stopping:
                                 self._idle_lanes.wait(LANE_IDLE)
-                                if not self._ready and self._lanes > 1 and monotonic() - idle_since >= LANE_IDLE:
+                                if self._ready:
+                                    break
+                                job = self._take_due()
+                                if job is not None:
+                                    break
+                                if self._lanes > 1 and monotonic() - idle_since >= LANE_IDLE:
                                     return
                         finally:
                             self._idle -= 1
-                        if not self._ready:
+                        if job is None and not self._ready:
                             return
-                    job = self._ready.popleft()
+                    if job is None:
+                        job = self._ready.popleft()
                 if isinstance(job, _Direct):
                     self._send_direct(job)
                 else:
                     self._send(job, Deadline.never())
                 with self._lock:
-                    self._work.notify()
+                    if self._awaiting_lane:
+                        self._work.notify()
         finally:
             with self._lock:
                 self._lanes -= 1
@@ -619,7 +664,6 @@ class Worker:
         finally:
             with self._lock:
                 self._signals.pop(batch, None)
-                self._work.notify()
             self._complete(batch)
 
     def _send_part(
@@ -677,6 +721,8 @@ class Worker:
             if isinstance(outcome, BatchResponse):
                 self._healthy = True
                 self._latencies.append(took)
+                if len(self.ledger.queue) >= self._send_at and self._dispatch_needed():
+                    self._work.notify()  # a backlog behind a slow network: another lane may open
         if claimed:
             if isinstance(outcome, BatchResponse):
                 self._logger.info(
