@@ -707,19 +707,7 @@ class Codec:
         head = _HEAD.get(ev.type)
         if head is None:
             raise ValueError(f"event type must be one of {', '.join(_TYPES)}, not {_safe_repr(ev.type)}")
-        ts = ev._ts
-        if type(ts) is float:
-            ts = ev._ts = format_epoch(ts)
-        # The fixed fields are strings checked at call time or made by us, so
-        # they are quoted directly; only the free-form values go through the
-        # encoder, and the constant context is appended pre-encoded.
-        text = f'{head}{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
-        if ev.event is not None:
-            text = f'{text},"event":{_quote(ev.event)}'
-        if ev.userId is not None:
-            text = f'{text},"userId":{_quote(ev.userId)}'
-        if ev.groupId is not None:
-            text = f'{text},"groupId":{_quote(ev.groupId)}'
+        text = _fixed_fields(ev, head)
         props = ev.properties
         if props is not None:
             if self._defaults is not None and head is _HEAD["track"]:
@@ -763,13 +751,12 @@ class Codec:
         returned in ``rest`` for the next request (``before_send`` then runs
         on them again next time: the hook sees the original event each time).
         """
-        assign_message_ids(events)
-        enc = self._make_encoder()
         if self._batched:
-            fast = _plain_batch(events, enc, max_body)
+            fast = _plain_batch(events, self._make_encoder(), max_body)
             if fast is not None:
                 return fast
-            enc = self._make_encoder()  # the cycle check may hold stale entries
+        assign_message_ids(events)
+        enc = self._make_encoder()
         hook = self._before_send
         plain = self._plain
         good: List[Event] = []
@@ -835,8 +822,24 @@ _MARK_END = ',"' + _MARK + '"]'
 _K_EVENT = ',"event":'
 _K_USER = ',"userId":'
 _K_GROUP = ',"groupId":'
-_K_PROPS = ',"properties":'
-_K_TRAITS = ',"traits":'
+
+
+def _fixed_fields(ev: Event, head: str) -> str:
+    """A client-built event's JSON up to its properties/traits.
+
+    These fields are strings checked at call time or made here, so they are
+    quoted directly; only free-form values go through the encoder.
+    """
+    ts = ev._ts
+    if type(ts) is float:
+        ts = ev._ts = format_epoch(ts)
+    name, user, group = ev.event, ev.userId, ev.groupId
+    return (
+        f'{head}{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
+        f'{"" if name is None else _K_EVENT + _quote(name)}'
+        f'{"" if user is None else _K_USER + _quote(user)}'
+        f'{"" if group is None else _K_GROUP + _quote(group)}'
+    )
 
 
 def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: int) -> Optional[Prepared]:
@@ -844,16 +847,19 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
 
     The common case: client-built events without a ``context=``, a codec
     without defaults or hook, every event encodable, under the size limits.
-    The properties/traits of the whole batch are encoded in one call of the
-    C encoder (a call per event costs about a fifth of the encoding), split
-    at a marker, and each event's JSON is assembled around its piece. Any
-    exception, or anything unusual, means the per-event path, which isolates
-    the event at fault (docs/design.md, "Values").
+    The properties/traits of the batch are encoded in one call of the C
+    encoder (a call per event costs about a fifth of the encoding), split at
+    a marker, and each event's JSON is assembled around its piece. Any
+    exception, or anything unusual, means
+    the per-event path, which isolates the event at fault (docs/design.md,
+    "Values").
     """
-    items: List[Any] = []
     for ev in events:
         if type(ev) is not _Queued or ev._ctx is not None:
             return None
+    assign_message_ids(events)
+    items: List[Any] = []
+    for ev in events:
         items.append(ev.properties if ev.properties is not None else ev.traits)
         items.append(_MARK)
     try:
@@ -867,26 +873,11 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
         return None
     parts: List[bytes] = []
     size = len(_BODY_HEAD) + len(_BODY_TAIL) - 1
-    cached_sec = -1
-    prefix = ""
     for ev, body in zip(events, pieces):
-        ts = ev._ts
-        if type(ts) is float:
-            # format_epoch, with its second-prefix cache local to the batch.
-            sec, us = divmod(round(ts * 1_000_000), 1_000_000)
-            if sec != cached_sec:
-                cached_sec, prefix = sec, format_epoch(ts)[:-4]
-            ts = ev._ts = f"{prefix}{us // 1000:03d}Z"
-        name, user, group = ev.event, ev.userId, ev.groupId
-        text = (
-            f'{_HEAD[ev.type]}{_quote(ev._id)},"timestamp":"{ts}"'  # type: ignore[arg-type]
-            f'{"" if name is None else _K_EVENT + _quote(name)}'
-            f'{"" if user is None else _K_USER + _quote(user)}'
-            f'{"" if group is None else _K_GROUP + _quote(group)}'
-            f'{_K_PROPS if ev.properties is not None else _K_TRAITS}{body}{_CONTEXT_TAIL}'
-        )
+        key = ',"properties":' if ev.properties is not None else ',"traits":'
         try:
-            part = text.encode("utf-8")  # a lone surrogate fails here: the per-event path reports it
+            # A lone surrogate fails here: the per-event path reports it.
+            part = f"{_fixed_fields(ev, _HEAD[ev.type])}{key}{body}{_CONTEXT_TAIL}".encode()
         except UnicodeError:
             return None
         size += len(part) + 1
@@ -898,17 +889,8 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
 
 def _plain_json(ev: Event, enc: Callable[[Any], str]) -> bytes:
     """``Codec.encode_event`` for a client-built event and a codec without
-    defaults or hook: the path nearly every event takes, kept short."""
-    ts = ev._ts
-    if type(ts) is float:
-        ts = ev._ts = format_epoch(ts)
-    text = f'{_HEAD[ev.type]}{_quote(ev._id or ev.messageId)},"timestamp":"{ts}"'
-    if ev.event is not None:
-        text = f'{text},"event":{_quote(ev.event)}'
-    if ev.userId is not None:
-        text = f'{text},"userId":{_quote(ev.userId)}'
-    if ev.groupId is not None:
-        text = f'{text},"groupId":{_quote(ev.groupId)}'
+    defaults or hook: the per-event path nearly every event takes."""
+    text = _fixed_fields(ev, _HEAD[ev.type])
     if ev.properties is not None:
         text = f'{text},"properties":{enc(ev.properties)}'
     if ev.traits is not None:
