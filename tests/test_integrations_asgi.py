@@ -161,17 +161,60 @@ def test_a_flush_that_raises_is_logged_not_raised(caplog: pytest.LogCaptureFixtu
     assert wait_until(lambda: "flush exploded" in caplog.text)
 
 
-def test_lifespan_passes_through() -> None:
+async def _lifespan(wrapped: Any) -> List[str]:
+    """Drive one lifespan: startup, then shutdown; returns what the middleware answered."""
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    answered: List[str] = []
+
+    async def receive() -> Dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: Dict[str, Any]) -> None:
+        answered.append(message["type"])
+
+    await wrapped({"type": "lifespan"}, receive, send)
+    return answered
+
+
+def test_lifespan_shutdown_flushes_even_for_an_app_without_lifespan(
+    collector: Collector, make_client: MakeClient
+) -> None:
+    """uvicorn ends the process with the signal it caught: the flush must happen at lifespan shutdown."""
+    client = make_client(collector.url, **SLOW)
     seen: List[str] = []
 
     async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
-        seen.append(scope["type"])
+        seen.append(scope["type"])  # returns at once: no lifespan support
 
     def identify(scope: Dict[str, Any]) -> Dict[str, Any]:
         raise AssertionError("not for lifespan")
 
-    asyncio.run(KlimeMiddleware(app, identify=identify, flush=True)({"type": "lifespan"}, None, None))  # type: ignore
+    client.track("Queued Before Shutdown", user_id="u1")
+    wrapped = KlimeMiddleware(app, client, identify=identify, flush=True)
+    assert asyncio.run(_lifespan(wrapped)) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert seen == ["lifespan"]
+    assert [e["event"] for e in collector.events] == ["Queued Before Shutdown"]
+
+
+def test_lifespan_of_an_app_that_speaks_it_is_passed_through(collector: Collector, make_client: MakeClient) -> None:
+    client = make_client(collector.url, **SLOW)
+    order: List[str] = []
+
+    async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            order.append(message["type"])
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                order.append(f"delivered before the app heard: {len(collector.events)}")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    client.track("Queued Before Shutdown", user_id="u1")
+    answered = asyncio.run(_lifespan(KlimeMiddleware(app, client)))
+    assert answered == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert order == ["lifespan.startup", "lifespan.shutdown", "delivered before the app heard: 1"]
 
 
 def test_tasks_get_their_own_scope(collector: Collector, make_client: MakeClient) -> None:

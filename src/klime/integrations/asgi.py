@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any, Awaitable, Callable, MutableMapping, Optional
 
-from ._common import Flushable, IdentifyResult, call_identify, check_timeout, flush_async
+from ._common import Flushable, IdentifyResult, call_identify, check_timeout, flush_async, resolve
 
 __all__ = ["KlimeMiddleware"]
 
@@ -46,8 +46,12 @@ class KlimeMiddleware:
             then is reported to ``on_error``. A failing or slow flush never
             fails the response and never raises into the server.
 
-    Only ``http`` and ``websocket`` connections are scoped and flushed;
-    ``lifespan`` passes straight through.
+    Only ``http`` and ``websocket`` connections are scoped and flushed.
+    At ``lifespan`` shutdown (the server stopping) the client is flushed
+    within its ``shutdown_timeout`` before the application hears of it:
+    uvicorn ends the process with the signal it caught, which skips the
+    exit hook. An application that does not speak the lifespan protocol is
+    answered for, so that this flush still happens.
     """
 
     def __init__(
@@ -65,6 +69,9 @@ class KlimeMiddleware:
         self.flush_timeout = check_timeout(flush_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
         if scope.get("type") not in ("http", "websocket") or (self.identify is None and not self.flush):
             await self.app(scope, receive, send)
             return
@@ -87,6 +94,44 @@ class KlimeMiddleware:
                 # Also after the final body: what background tasks tracked
                 # after the response went out, within what is left of the time.
                 await flusher.flush()
+
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def receive_and_flush() -> Message:
+            nonlocal started
+            message = await receive()
+            if message.get("type") == "lifespan.startup":
+                started = True
+            elif message.get("type") == "lifespan.shutdown":
+                await _flush_at_shutdown(self.client)
+            return message
+
+        try:
+            await self.app(scope, receive_and_flush, send)
+        except Exception:
+            if started:
+                raise
+            # The application does not speak lifespan (it raised on the scope).
+        if started:
+            return
+        # Answer the protocol for it, to flush when the server stops.
+        if (await receive()).get("type") == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+            if (await receive()).get("type") == "lifespan.shutdown":
+                await _flush_at_shutdown(self.client)
+                await send({"type": "lifespan.shutdown.complete"})
+
+
+async def _flush_at_shutdown(client: Optional[Flushable]) -> None:
+    """Deliver what is queued before the server stops, within the client's shutdown_timeout."""
+    target = resolve(client)
+    if target is None:
+        return
+    options = getattr(target, "_options", None)
+    timeout = options.shutdown_timeout if options is not None else 10.0
+    await flush_async(target, timeout)
 
 
 class _Flusher:
