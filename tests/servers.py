@@ -142,7 +142,7 @@ class RawServer:
         self._stop = threading.Event()
         self._lock = threading.Condition()
         self._conns: List[socket.socket] = []
-        threading.Thread(target=self._accept_loop, daemon=True).start()
+        threading.Thread(target=self._accept_loop, name="test-server-accept", daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -184,7 +184,7 @@ class RawServer:
                 index = self.connections
                 self.connections += 1
                 self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, index), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, index), name="test-server-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket, index: int) -> None:
         f = conn.makefile("rb")

@@ -120,20 +120,26 @@ class Worker:
                 return False
             ledger = self.ledger
             overflow = ledger.add(ev)
-            if not self._accepting and ledger.withdraw(ev):
-                # A signal handler on this thread shut the client down between the
-                # check and the append (the lock is re-entrant): the shutdown has
-                # already delivered what was queued and nothing will send this
-                # event any more, so it is ignored like any call after shutdown.
-                return False
-            if not self._wake_pending and (
-                overflow or (len(ledger.queue) >= self._send_at and self._dispatch_needed())
-            ):
-                self._wake_pending = True
-                self._work.notify()
-            if self._dispatcher is not None or self._starting or self._threadless:
-                return True
-            self._starting = True
+            if self._accepting:
+                if not self._wake_pending and (
+                    overflow or (len(ledger.queue) >= self._send_at and self._dispatch_needed())
+                ):
+                    self._wake_pending = True
+                    self._work.notify()
+                if self._dispatcher is not None or self._starting or self._threadless:
+                    return True
+                self._starting = True
+                stranded = None
+            else:
+                # A signal handler on this thread shut the client down during this
+                # call (the lock is re-entrant). This event is ignored like any call
+                # after shutdown; an event the overflow had in hand while the
+                # shutdown ran is left over, and is reported here.
+                ledger.withdraw(ev)
+                stranded = self._claim_locked(None) if self._stopping else ([], [], [])
+        if stranded is not None:
+            self._report_claimed(stranded, "shutdown")
+            return False
         self._start_dispatcher()
         return True
 
