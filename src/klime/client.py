@@ -295,13 +295,13 @@ class KlimeClient:
             and type(user_id) is str
             and user_id
             and group_id is None
-            and type(properties) is dict
+            and (properties is None or type(properties) is dict)
             and timestamp is None
             and message_id is None
             and context is None
             and not _scope.used
         ):
-            props = properties.copy()
+            props = {} if properties is None else properties.copy()
             for key in props:
                 if type(key) is not str:
                     break
