@@ -1004,3 +1004,106 @@ def test_rest_holds_what_does_not_fit_in_max_body() -> None:
     assert [ev.messageId for ev in prep.events] == ["m0", "m1"]
     assert [ev.messageId for ev in prep.rest] == ["m2", "m3", "m4"]
     assert len(prep.body) <= 2500
+
+
+# --- a batch built in one piece -------------------------------------------------
+
+
+def test_new_message_ids_are_distinct_random_uuid4_texts() -> None:
+    from klime._event import new_message_ids
+
+    assert new_message_ids(0) == []
+    for n in (1, 2, 37, 1000):
+        ids = new_message_ids(n)
+        assert len(ids) == n and len(set(ids)) == n
+        for mid in ids:
+            parsed = uuid.UUID(mid)
+            assert str(parsed) == mid and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # Every random digit varies from id to id, the variant digit over all four values.
+    ids = new_message_ids(1000)
+    for column in range(36):
+        seen = {mid[column] for mid in ids}
+        if column in (8, 13, 18, 23):
+            assert seen == {"-"}
+        elif column == 14:
+            assert seen == {"4"}
+        elif column == 19:
+            assert seen == set("89ab")
+        else:
+            assert len(seen) >= 12, (column, seen)
+
+
+def _mixed_events() -> List[Any]:
+    # Times around millisecond and second boundaries, before 1970 and far
+    # ahead; text needing escapes and outside ASCII; given and missing ids.
+    times = [0.0, 0.0004, 0.0005, 0.0009999, 0.001, 59.9995, 59.9999996, 60.0, -0.0005]
+    times += [1.7e9 + 0.123456, 253402300799.999]
+    events = []
+    for i, t in enumerate(times):
+        props = {"i": i, "text": 'quote " back \\ nl \n é 😀', "n": [1.5, None, True], "d": {"k": "v"}}
+        mid = None if i % 3 else f'given-{i}-"x"'
+        events.append(new_event("track", f"Name {i} é\t", f"user\u2028{i}", None, props, None, t, mid))
+        events.append(new_event("identify", None, f"u{i}", None, None, {"plan": "pro", "i": i}, t))
+        events.append(new_event("group", None, None if i % 2 else "u", f"g{i}", None, {}, t))
+        events.append(new_event("track", "Only Group", None, f"g{i}", {}, None, t))
+    return events
+
+
+def test_a_batch_in_one_piece_is_the_same_as_event_by_event() -> None:
+    fast_events, slow_events = _mixed_events(), _mixed_events()
+    # Given the same ids, both paths must write the same bytes.
+    for a, b in zip(fast_events, slow_events):
+        b.messageId = a.messageId
+    fast = Codec().prepare(fast_events)
+    slow = Codec(json_default=str).prepare(slow_events)  # json_default: the per-event path
+    assert fast.texts is None and slow.texts is not None  # the paths compared are the two paths
+    assert fast.body == slow.body
+    assert fast.parts == slow.parts
+    assert (fast.events, fast.rejected, fast.rest, fast.filtered) == (fast_events, [], [], [])
+    wire = json.loads(fast.body)["batch"]
+    assert [e["messageId"] for e in wire] == [ev.messageId for ev in fast_events]
+    assert wire[0]["messageId"] == 'given-0-"x"' and UUID4.match(wire[4]["messageId"])
+
+
+def test_one_piece_timestamps_are_each_events_own_millisecond() -> None:
+    times = [1.7e9 + k * 0.0001 for k in range(50)] + [59.9999996, 60.0004, -0.0005, 0.0]
+    events = [new_event("track", "E", "u", None, {}, None, t) for t in times]
+    wire = json.loads(Codec().prepare(events).body)["batch"]
+    for t, sent_ev in zip(times, wire):
+        micros = round(t * 1_000_000)
+        expected = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=micros - micros % 1000)
+        assert parse_utc(sent_ev["timestamp"]) == expected, (t, sent_ev["timestamp"])
+
+
+def test_a_batch_over_the_event_limit_in_total_goes_out_whole() -> None:
+    events = [new_event("track", "E", "u", None, {"pad": "é" * 1500}, None, 0.0) for _ in range(100)]
+    prep = Codec().prepare(events)
+    assert len(prep.body) > 200 * 1024
+    assert prep.events == events and prep.rejected == [] and prep.rest == []
+    assert [e["properties"]["pad"] for e in json.loads(prep.body)["batch"]] == ["é" * 1500] * 100
+
+
+@pytest.mark.parametrize("char, extra, over", [("😀", 0, False), ("😀", 1, True), ("x", 1, True)])
+def test_an_event_over_the_limit_in_a_batch_is_rejected_alone(char: str, extra: int, over: bool) -> None:
+    limit = 200 * 1024
+    base = len(Codec().prepare([new_event("track", "Big", "u", None, {"blob": ""}, None, 0.0, "m")]).parts[0])
+    count = (limit - base) // len(char.encode()) + extra
+    small = [new_event("track", "E", "u", None, {"i": i}, None, 0.0, f"s{i}") for i in range(3)]
+    big = new_event("track", "Big", "u", None, {"blob": char * count}, None, 0.0, "m")
+    events = [*small[:2], big, *small[2:]]
+    prep = Codec().prepare(events)
+    if over:
+        assert prep.events == small
+        assert [(r.reason, r.events) for r in prep.rejected] == [("oversize", [big])]
+    else:
+        assert prep.events == events and prep.rejected == []
+        assert len(prep.parts[2]) > limit - 4
+
+
+def test_a_lone_surrogate_rejects_its_event_only_in_a_batch() -> None:
+    good = [new_event("track", "E", "u", None, {"i": i}, None, 0.0) for i in range(3)]
+    bad = new_event("track", "E", "u", None, {"s": "\ud800"}, None, 0.0)
+    prep = Codec().prepare([good[0], bad, good[1], good[2]])
+    assert prep.events == good
+    assert [(r.reason, r.events) for r in prep.rejected] == [("unencodable", [bad])]
+    assert [e["properties"]["i"] for e in json.loads(prep.body)["batch"]] == [0, 1, 2]

@@ -299,7 +299,10 @@ def is_text(value: Any) -> bool:
 
 # --- message ids -----------------------------------------------------------
 
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+# Where each of a UUID's 32 hex digits goes in its 36-character text.
+_UUID_COLUMNS = tuple(enumerate(p for p in range(36) if p not in (8, 13, 18, 23)))
+# The variant digit (the 17th) takes its top two bits from RFC 4122: 10xx.
+_UUID_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
 
 
 def new_message_ids(n: int) -> List[str]:
@@ -307,13 +310,20 @@ def new_message_ids(n: int) -> List[str]:
 
     One ``os.urandom`` call for the lot: it is fork-safe (no generator state
     to reseed in a child) and much cheaper than ``uuid.uuid4()`` per event.
+    The texts are laid out column by column (each slice assignment places
+    one hex digit of every id), so the work per id is a single slice
+    (docs/design.md, Values).
     """
-    raw = os.urandom(16 * n).hex()
-    out = []
-    for i in range(0, 32 * n, 32):
-        h = raw[i : i + 32]
-        out.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
-    return out
+    if n <= 0:
+        return []
+    digits = os.urandom(16 * n).hex().encode("ascii")
+    text = bytearray(b"-" * (36 * n))
+    for k, at in _UUID_COLUMNS:
+        text[at::36] = digits[k::32]
+    text[14::36] = b"4" * n
+    text[19::36] = digits[16::32].translate(_UUID_VARIANT)
+    ids = text.decode("ascii")
+    return [ids[i : i + 36] for i in range(0, 36 * n, 36)]
 
 
 def assign_message_ids(events: Sequence[Event]) -> None:
@@ -329,18 +339,21 @@ def assign_message_ids(events: Sequence[Event]) -> None:
 _second_cache: Tuple[int, str] = (-(2**62), "")
 
 
-def format_epoch(t: float) -> str:
-    """Seconds since the epoch -> ``YYYY-MM-DDTHH:MM:SS.mmmZ``.
+def epoch_ms(t: float) -> int:
+    """Seconds since the epoch -> whole milliseconds, truncated after rounding
+    to whole microseconds (as datetime does): t * 1000 of ...05.998 can be ...5997.9999."""
+    return round(t * 1_000_000) // 1000
+
+
+def format_ms(ms: int) -> str:
+    """Milliseconds since the epoch -> ``YYYY-MM-DDTHH:MM:SS.mmmZ``.
 
     Events arrive in bursts within the same second, so the part up to the
     second is cached; the cache is a single tuple, so a race only costs a
     recomputation.
     """
     global _second_cache
-    # Truncated to the millisecond it happened in, after rounding to whole
-    # microseconds (as datetime does): t * 1000 of ...05.998 can be ...5997.9999.
-    sec, us = divmod(round(t * 1_000_000), 1_000_000)
-    ms = us // 1000
+    sec, ms = divmod(ms, 1000)
     cached_sec, prefix = _second_cache
     if cached_sec != sec:
         g = time.gmtime(sec)
@@ -350,6 +363,11 @@ def format_epoch(t: float) -> str:
         )
         _second_cache = (sec, prefix)
     return f"{prefix}{ms:03d}Z"
+
+
+def format_epoch(t: float) -> str:
+    """Seconds since the epoch -> ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
+    return format_ms(epoch_ms(t))
 
 
 _ISO8601 = re.compile(
@@ -609,10 +627,24 @@ class Prepared:
 
     events: List[Event]  # to send; index i in the body is events[i]
     body: bytes  # b"" when events is empty
-    parts: List[bytes] = field(default_factory=list)  # each sent event's JSON
     rejected: List[Rejected] = field(default_factory=list)
     rest: List[Event] = field(default_factory=list)  # did not fit in max_body; send next
     filtered: List[Event] = field(default_factory=list)  # dropped by before_send (not failures)
+    # Each sent event's JSON; None when the body was built in one piece.
+    texts: Optional[List[bytes]] = field(default=None, repr=False)
+
+    @property
+    def parts(self) -> List[bytes]:
+        """Each sent event's JSON (for debug logging), as it is in the body.
+
+        A body built in one piece holds only events of the plain codec,
+        whose ids and timestamps are fixed by then, so encoding them again
+        gives the same text.
+        """
+        if self.texts is None:
+            enc = _make_encoder()
+            self.texts = [_plain_json(ev, enc) for ev in self.events]
+        return self.texts
 
 
 class _HookError(Exception):
@@ -810,7 +842,7 @@ class Codec:
             good.append(ev)
             size += extra
         body = _BODY_HEAD + b",".join(parts) + _BODY_TAIL if parts else b""
-        return Prepared(good, body, parts, rejected, rest, filtered)
+        return Prepared(good, body, rejected, rest, filtered, parts)
 
 
 # Keeps apart the properties of the events of a batch encoded in one call; a
@@ -822,6 +854,13 @@ _MARK_END = ',"' + _MARK + '"]'
 _K_EVENT = ',"event":'
 _K_USER = ',"userId":'
 _K_GROUP = ',"groupId":'
+
+
+_K_PROPERTIES = ',"properties":'
+_K_TRAITS = ',"traits":'
+_EVENT_END = _CONTEXT_TAIL + ","
+_BATCH_END = _CONTEXT_TAIL + "]}"
+_BATCH_OVERHEAD = len(_BODY_HEAD) + len(_BODY_TAIL)
 
 
 def _fixed_fields(ev: Event, head: str) -> str:
@@ -849,19 +888,21 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
     without defaults or hook, every event encodable, under the size limits.
     The properties/traits of the batch are encoded in one call of the C
     encoder (a call per event costs about a fifth of the encoding), split at
-    a marker, and each event's JSON is assembled around its piece. Any
-    exception, or anything unusual, means
-    the per-event path, which isolates the event at fault (docs/design.md,
+    a marker, and the body is assembled around the pieces as one text and
+    encoded to UTF-8 once. Any exception, or anything unusual, means the
+    per-event path, which isolates the event at fault (docs/design.md,
     "Values").
     """
+    missing = 0
+    items: List[Any] = []
+    add = items.append
     for ev in events:
         if type(ev) is not _Queued or ev._ctx is not None:
             return None
-    assign_message_ids(events)
-    items: List[Any] = []
-    for ev in events:
-        items.append(ev.properties if ev.properties is not None else ev.traits)
-        items.append(_MARK)
+        add(ev.properties if ev.properties is not None else ev.traits)
+        add(_MARK)
+        if ev._id is None:
+            missing += 1
     try:
         text = enc(items)
     except BaseException as exc:
@@ -871,20 +912,54 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
     pieces = text[1 : -len(_MARK_END)].split(_MARK_SEP)
     if len(pieces) != len(events) or not text.endswith(_MARK_END):
         return None
-    parts: List[bytes] = []
-    size = len(_BODY_HEAD) + len(_BODY_TAIL) - 1
-    for ev, body in zip(events, pieces):
-        key = ',"properties":' if ev.properties is not None else ',"traits":'
-        try:
-            # A lone surrogate fails here: the per-event path reports it.
-            part = f"{_fixed_fields(ev, _HEAD[ev.type])}{key}{body}{_CONTEXT_TAIL}".encode()
-        except UnicodeError:
-            return None
-        size += len(part) + 1
-        if len(part) > MAX_EVENT_BYTES or size > max_body:
-            return None
-        parts.append(part)
-    return Prepared(list(events), _BODY_HEAD + b",".join(parts) + _BODY_TAIL, parts)
+    ids = iter(new_message_ids(missing))
+    out = ['{"batch":[']
+    add = out.append
+    # Events of a burst share their millisecond: its text is made once.
+    last_ms, last_ts = -1, ""
+    for ev, piece in zip(events, pieces):
+        ts = ev._ts
+        if type(ts) is float:
+            ms = round(ts * 1_000_000) // 1000  # epoch_ms(), inlined
+            if ms != last_ms:
+                last_ms, last_ts = ms, format_ms(ms)
+            ts = ev._ts = last_ts
+        mid = ev._id
+        if mid is None:
+            # A fresh id is hex and hyphens: nothing to escape.
+            mid = ev._id = next(ids)
+            quoted = f'"{mid}"'
+        else:
+            quoted = _quote(mid)
+        name, user, group = ev.event, ev.userId, ev.groupId
+        add(
+            f'{_HEAD[ev.type]}{quoted},"timestamp":"{ts}"'
+            f'{"" if name is None else _K_EVENT + _quote(name)}'
+            f'{"" if user is None else _K_USER + _quote(user)}'
+            f'{"" if group is None else _K_GROUP + _quote(group)}'
+            f'{_K_TRAITS if ev.properties is None else _K_PROPERTIES}'
+        )
+        add(piece)
+        add(_EVENT_END)
+    out[-1] = _BATCH_END
+    try:
+        # A lone surrogate fails here: the per-event path reports its event.
+        body = "".join(out).encode()
+    except UnicodeError:
+        return None
+    if len(body) > max_body:
+        return None
+    if len(body) - _BATCH_OVERHEAD > MAX_EVENT_BYTES:
+        # Some event may be over the limit. Event i is out[3i+1] and
+        # out[3i+2] (the only parts that can be non-ASCII) and the context.
+        for i in range(1, len(out), 3):
+            chars = len(out[i]) + len(out[i + 1]) + len(_CONTEXT_TAIL)
+            if chars > MAX_EVENT_BYTES or (
+                chars * 4 > MAX_EVENT_BYTES
+                and len(out[i].encode()) + len(out[i + 1].encode()) + len(_CONTEXT_TAIL) > MAX_EVENT_BYTES
+            ):
+                return None
+    return Prepared(list(events), body)
 
 
 def _plain_json(ev: Event, enc: Callable[[Any], str]) -> bytes:
