@@ -568,3 +568,44 @@ def test_client_the_application_let_go_of_still_delivers_at_exit(
     proc = run_process([sys.executable, str(script), server.url])
     assert proc.returncode == 0, proc.stderr
     assert sorted(e["properties"]["i"] for e in raw_events(server)) == [0, 1, 2]
+
+
+@needs_fork
+def test_the_fork_mark_reads_false_in_any_child_until_the_fork_entry_ran(tmp_path: Path) -> None:
+    """Every call's fork check reads a mark instead of asking for the pid.
+
+    The mark must read false in a child forked from C (no hooks ran) until
+    the first call resets the clients, and true again after; a child forked
+    from Python has been reset by the hook already. The parent's mark stays.
+    """
+    script = tmp_path / "mark.py"
+    script.write_text(
+        WAIT_FOR_CHILD
+        + textwrap.dedent(
+            """
+            import ctypes, os
+            from klime import _lifecycle
+
+            assert _lifecycle.mark[0]
+            pid = ctypes.PyDLL(None).fork()
+            if pid == 0:
+                code = 4
+                try:
+                    before = bool(_lifecycle.mark[0])
+                    _lifecycle.check_fork()
+                    code = 0 if (not before and _lifecycle.mark[0] and _lifecycle._pid == os.getpid()) else 3
+                finally:
+                    os._exit(code)
+            c_child = wait_for_child(pid)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if _lifecycle.mark[0] and _lifecycle._pid == os.getpid() else 3)
+            py_child = wait_for_child(pid)
+            print(c_child, py_child, bool(_lifecycle.mark[0]), type(_lifecycle.mark).__name__, flush=True)
+            """
+        )
+    )
+    proc = run_process([sys.executable, str(script)], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    expected_kind = "mmap" if sys.platform.startswith("linux") else "_PidMark"
+    assert proc.stdout.split() == ["0", "0", "True", expected_kind], proc.stdout + proc.stderr

@@ -8,7 +8,6 @@ append under a lock; encoding, ids and timestamps happen on the sending side
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ Properties = Optional[Mapping[str, Any]]
 Timestamp = Union[datetime, str, None]
 
 _DEBUG = logging.DEBUG
-_getpid = os.getpid
+_fork_mark = _lifecycle.mark
 _now = time.time
 
 # Client states: open; closing (shutdown under way, perhaps interrupted); closed.
@@ -506,7 +505,7 @@ class KlimeClient:
         return HttpTransport(options.endpoint, options.write_key, options.request_timeout)
 
     def _put(self, ev: Event) -> None:
-        if _getpid() != _lifecycle._pid:  # check_fork(), inlined: this is every call's path
+        if not _fork_mark[0]:  # check_fork(), inlined: this is every call's path
             check_fork()
         if not self._worker.put(ev):
             self._after_shutdown()
