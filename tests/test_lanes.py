@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import List
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 
 import klime._worker
+from klime import Event
+from klime._event import Codec, Prepared
 
 from .conftest import MakeClient, RawServers, Recorder
-from .servers import RawRequest, RawServer, Reply, wait_until
+from .servers import Held, RawRequest, RawServer, Reply, wait_until
 
 
 class Distant:
@@ -145,3 +147,88 @@ def test_spare_lanes_end_after_the_backlog(
     worker = client._worker
     # Idle spare lanes leave after a while; at least one stays (bounded generously).
     assert wait_until(lambda: worker._lanes == 1, timeout=30)
+
+
+# --- encoding the next batch while a request waits ------------------------------------------------
+
+
+class AheadSpy:
+    """Wraps Codec.prepare_ahead (the real one runs) to see what the lane encoded ahead."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.made: List[Prepared] = []
+        original = Codec.prepare_ahead
+
+        def spy(codec: Codec, events: Sequence[Event]) -> Optional[Prepared]:
+            prep = original(codec, events)
+            if prep is not None:
+                self.made.append(prep)
+            return prep
+
+        monkeypatch.setattr(Codec, "prepare_ahead", spy)
+
+    def indexes(self, k: int) -> List[int]:
+        return [ev.properties["i"] for ev in self.made[k].events]  # type: ignore[index]
+
+
+def sent_requests(server: RawServer) -> List[List[Dict[str, Any]]]:
+    return [req.json()["batch"] for req in server.requests]
+
+
+def test_the_next_batch_is_encoded_while_a_request_waits_and_goes_out_with_its_events_ids(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = AheadSpy(monkeypatch)
+    held = Held(0, 1)
+    server = raw_servers(held)
+    client = make_client(server.url, max_batch_size=5, max_queue_size=100, max_in_flight=1)
+    for i in range(5):
+        client.track("Ahead", {"i": i}, user_id="u1")
+    server.wait_for_requests(1)
+    for i in range(5, 15):
+        client.track("Ahead", {"i": i}, user_id="u1")
+    held.release(0)
+    # Request 1 (events 5-9) waits on the server: the lane has encoded 10-14 meanwhile
+    # (and, had 5-9 been queued when request 0 was written, those during request 0).
+    server.wait_for_requests(2)
+    assert wait_until(lambda: any(spy.indexes(k) == [10, 11, 12, 13, 14] for k in range(len(spy.made))))
+    ahead = spy.made[-1]
+    assert [ev.properties["i"] for ev in ahead.events] == [10, 11, 12, 13, 14]  # type: ignore[index]
+    assert all(ev._id is None for ev in ahead.events), "events still queued are not changed"
+    held.release(1)
+    assert client.flush(timeout=10) is True
+    batches = sent_requests(server)
+    assert [[e["properties"]["i"] for e in b] for b in batches] == [list(range(k, k + 5)) for k in (0, 5, 10)]
+    # The body encoded ahead went out, with the ids its events now report.
+    assert [e["messageId"] for e in batches[2]] == [ev.messageId for ev in ahead.events]
+    assert len({e["messageId"] for b in batches for e in b}) == 15
+    assert recorder.errors == []
+
+
+def test_a_batch_encoded_ahead_whose_events_were_dropped_is_encoded_again(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = AheadSpy(monkeypatch)
+    held = Held(0, 1)
+    server = raw_servers(held)
+    client = make_client(server.url, max_batch_size=5, max_queue_size=10, max_in_flight=1)
+    for i in range(5):
+        client.track("Ahead", {"i": i}, user_id="u1")
+    server.wait_for_requests(1)
+    for i in range(5, 15):
+        client.track("Ahead", {"i": i}, user_id="u1")
+    held.release(0)
+    server.wait_for_requests(2)
+    assert wait_until(lambda: any(spy.indexes(k) == [10, 11, 12, 13, 14] for k in range(len(spy.made))))
+    # The queue overflows: the oldest queued events, those encoded ahead, are dropped.
+    for i in range(15, 25):
+        client.track("Ahead", {"i": i}, user_id="u1")
+    held.release(1)
+    assert client.flush(timeout=10) is False  # the drops make it incomplete
+    batches = sent_requests(server)
+    sent = [e["properties"]["i"] for b in batches for e in b]
+    assert sent == [*range(10), *range(15, 25)]
+    dropped = [ev for err, evs in recorder.errors for ev in evs if getattr(err, "reason", None) == "queue_overflow"]
+    assert [ev.properties["i"] for ev in dropped] == [10, 11, 12, 13, 14]
+    sent_ids = {e["messageId"] for b in batches for e in b}
+    assert len(sent_ids) == 20 and not sent_ids & {ev.messageId for ev in dropped}

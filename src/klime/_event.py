@@ -632,6 +632,22 @@ class Prepared:
     filtered: List[Event] = field(default_factory=list)  # dropped by before_send (not failures)
     # Each sent event's JSON; None when the body was built in one piece.
     texts: Optional[List[bytes]] = field(default=None, repr=False)
+    # Encoded ahead (Codec.prepare_ahead): the ids the body gives events that had none.
+    fresh: Optional[List[Tuple[Event, str]]] = field(default=None, repr=False)
+
+    def adopt(self) -> bool:
+        """Give the events the ids the body uses; False if one has another id by now.
+
+        For a body encoded ahead, by the thread that has since taken its
+        events (no other thread assigns their ids any more).
+        """
+        for ev, mid in self.fresh or ():
+            if ev._id is None:
+                ev._id = mid
+            elif ev._id != mid:
+                return False
+        self.fresh = None
+        return True
 
     @property
     def parts(self) -> List[bytes]:
@@ -698,6 +714,26 @@ class Codec:
         # that fails: not with the user's json_default, which must see each
         # value once.
         self._batched = self._plain and json_default is None
+
+    def prepare_ahead(self, events: Sequence[Event]) -> Optional[Prepared]:
+        """``prepare`` for events still in the queue, or None if that takes more care.
+
+        Only the plain one-piece path, which runs no user code and changes
+        no event: the body is a cache the taker of these events adopts
+        (:meth:`Prepared.adopt`) or drops (docs/design.md, "Lanes").
+        """
+        if not self._batched:
+            return None
+        return _plain_batch(events, self._make_encoder(), MAX_BODY_BYTES, adopt=False)
+
+    @property
+    def runs_user_code(self) -> bool:
+        """Whether encoding calls the user's hooks (``before_send``, ``json_default``).
+
+        Without them, encoding a batch twice, or one that is then not sent, is
+        unobservable; the lanes encode ahead only then (docs/design.md, "Lanes").
+        """
+        return not self._batched
 
     # --- one event -------------------------------------------------------------
 
@@ -881,7 +917,9 @@ def _fixed_fields(ev: Event, head: str) -> str:
     )
 
 
-def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: int) -> Optional[Prepared]:
+def _plain_batch(
+    events: Sequence[Event], enc: Callable[[Any], str], max_body: int, adopt: bool = True
+) -> Optional[Prepared]:
     """``Codec.prepare`` for the common case, or None to take the per-event path.
 
     The common case: client-built events without a ``context=``, a codec
@@ -892,6 +930,11 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
     encoded to UTF-8 once. Any exception, or anything unusual, means the
     per-event path, which isolates the event at fault (docs/design.md,
     "Values").
+
+    With ``adopt=False`` the events are left untouched: the fresh message
+    ids the body uses are kept in ``Prepared.fresh`` for
+    :meth:`Prepared.adopt`, so that events another thread may take
+    meanwhile can be encoded ahead of time.
     """
     missing = 0
     items: List[Any] = []
@@ -913,6 +956,7 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
     if len(pieces) != len(events) or not text.endswith(_MARK_END):
         return None
     ids = iter(new_message_ids(missing))
+    fresh: Optional[List[Tuple[Event, str]]] = None if adopt else []
     out = ['{"batch":[']
     add = out.append
     # Events of a burst share their millisecond: its text is made once.
@@ -923,11 +967,17 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
             ms = round(ts * 1_000_000) // 1000  # epoch_ms(), inlined
             if ms != last_ms:
                 last_ms, last_ts = ms, format_ms(ms)
-            ts = ev._ts = last_ts
+            ts = last_ts
+            if adopt:
+                ev._ts = ts
         mid = ev._id
         if mid is None:
             # A fresh id is hex and hyphens: nothing to escape.
-            mid = ev._id = next(ids)
+            mid = next(ids)
+            if fresh is None:
+                ev._id = mid
+            else:
+                fresh.append((ev, mid))
             quoted = f'"{mid}"'
         else:
             quoted = _quote(mid)
@@ -959,7 +1009,7 @@ def _plain_batch(events: Sequence[Event], enc: Callable[[Any], str], max_body: i
                 and len(out[i].encode()) + len(out[i + 1].encode()) + len(_CONTEXT_TAIL) > MAX_EVENT_BYTES
             ):
                 return None
-    return Prepared(list(events), body)
+    return Prepared(list(events), body, fresh=fresh)
 
 
 def _plain_json(ev: Event, enc: Callable[[Any], str]) -> bytes:

@@ -39,7 +39,7 @@ from datetime import timezone
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException, IncompleteRead, RemoteDisconnected
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, cast
 from urllib.parse import unquote, urlsplit
 
 from ._deadline import Deadline, monotonic
@@ -515,7 +515,9 @@ class HttpTransport:
 
     # -- one attempt --
 
-    def post(self, body: bytes, deadline: Deadline) -> Response:
+    def post(
+        self, body: bytes, deadline: Deadline, meanwhile: Optional[Callable[[], None]] = None
+    ) -> Response:
         """One POST that ends by ``min(now + request_timeout, deadline)``.
 
         Raises OSError (TimeoutError at the end) or HTTPException. A failure
@@ -523,6 +525,11 @@ class HttpTransport:
         having closed it while idle, so it is retried once at once on a fresh
         connection; the server dedupes by messageId should the first copy
         have arrived after all.
+
+        ``meanwhile``, if given, is called once the request is written and
+        before the answer is awaited (again if the request is made again on
+        a fresh connection): the sending thread's own work overlaps the
+        server's (docs/design.md, "Lanes"). It must not raise.
         """
         if urllib.request.urlopen is not _ORIGINAL_URLOPEN:
             return self._via_urllib().post(body, deadline)
@@ -534,20 +541,24 @@ class HttpTransport:
         conn = self._take()
         if conn is not None:
             try:
-                return self._exchange(conn, body, end, limit)
+                return self._exchange(conn, body, end, limit, meanwhile)
             except _STALE:
                 if conn.answered:
                     raise
             # The server closed the idle connection: once more, on a new one.
         conn = self._open(end, limit)
-        return self._exchange(conn, body, end, limit)
+        return self._exchange(conn, body, end, limit, meanwhile)
 
-    def _exchange(self, conn: _Conn, body: bytes, end: float, limit: float) -> Response:
+    def _exchange(
+        self, conn: _Conn, body: bytes, end: float, limit: float, meanwhile: Optional[Callable[[], None]]
+    ) -> Response:
         """Send and read one answer on ``conn``; it goes back to the pool or is closed."""
         reusable = False
         try:
             conn.answered = False
             conn.send(memoryview(self._head.data + b"%d\r\n\r\n" % len(body) + body), end, limit)
+            if meanwhile is not None:
+                meanwhile()
             status, _, headers, keep = conn.read_head(end, limit)
             while 100 <= status < 200 and status != 101:
                 status, _, headers, keep = conn.read_head(end, limit)  # 100 Continue, 103 ...
@@ -894,6 +905,7 @@ class Sender:
         deadline: Deadline,
         interrupt: threading.Event,
         on_failed_attempt: Optional[Callable[[str, bool], None]] = None,
+        meanwhile: Optional[Callable[[], None]] = None,
     ) -> BatchResponse:
         """POST ``body`` until it succeeds, fails permanently, attempts run out or waiting stops.
 
@@ -902,9 +914,12 @@ class Sender:
         then stops with the last failure. ``interrupt`` cuts waits only: an
         attempt not preceded by a wait is still made. ``on_failed_attempt(cause,
         will_retry)`` is called after every failed attempt. Raises only
-        :class:`SendError`, with no exception chained to it.
+        :class:`SendError`, with no exception chained to it. ``meanwhile``
+        goes to the HTTP transport, which calls it while the server works
+        (see :meth:`HttpTransport.post`); other transports never call it.
         """
         n = len(events)
+        overlap = meanwhile if isinstance(self.transport, HttpTransport) else None
         status: Optional[int] = None
         cause = "no attempt made before the deadline"
         attempts = max(self.policy.max_attempts, 1)
@@ -922,7 +937,10 @@ class Sender:
             retry_after: Optional[float] = None
             permanent = False
             try:
-                resp = self.transport.post(body, deadline)
+                if overlap is not None:
+                    resp = cast(HttpTransport, self.transport).post(body, deadline, overlap)
+                else:
+                    resp = self.transport.post(body, deadline)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:  # the network stack, or anything raised from inside it

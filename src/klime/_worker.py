@@ -17,10 +17,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from ._deadline import Deadline, monotonic
-from ._event import Codec, Event
+from ._event import Codec, Event, Prepared
 from ._ledger import Batch, Ledger, Waiter
 from ._reporter import Reporter, deadline_message
 from ._transport import Sender
@@ -574,6 +575,25 @@ class Worker:
         with self._lock:
             self._threads[me] = "lane"
             self._reporter.flusher_threads.add(me)
+        # The next batch encoded while the previous request waited on the
+        # server: a cache, used only if the batch this lane takes next has
+        # exactly those events (docs/design.md, "Lanes").
+        ahead: List[Prepared] = []
+        encode_ahead: Optional[Callable[[], None]] = None
+        if not self._codec.runs_user_code:
+
+            def encode_ahead() -> None:
+                if ahead:
+                    return
+                with self._lock:
+                    q = self.ledger.queue
+                    if self._ready or len(q) < self._batch_size:
+                        return
+                    events = list(islice(q, self._batch_size))
+                prep = self._codec.prepare_ahead(events)
+                if prep is not None:
+                    ahead.append(prep)
+
         try:
             while True:
                 job: Union[Batch, _Direct, None] = None
@@ -599,10 +619,13 @@ class Worker:
                             return
                     if job is None:
                         job = self._ready.popleft()
+                prep = ahead.pop() if ahead else None
                 if isinstance(job, _Direct):
                     self._send_direct(job)
                 else:
-                    self._send(job, Deadline.never())
+                    if prep is not None and not (_same_events(prep.events, job.events) and prep.adopt()):
+                        prep = None
+                    self._send(job, Deadline.never(), None, prep, encode_ahead)
                 with self._lock:
                     if self._awaiting_lane:
                         self._work.notify()
@@ -640,14 +663,25 @@ class Worker:
             else:
                 return
 
-    def _send(self, batch: Batch, deadline: Deadline, reason: Optional[Reason] = None) -> None:
-        """Encode, deliver and report one batch; never raises."""
+    def _send(
+        self,
+        batch: Batch,
+        deadline: Deadline,
+        reason: Optional[Reason] = None,
+        prepared: Optional[Prepared] = None,
+        meanwhile: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """Encode (unless ``prepared``), deliver and report one batch; never raises.
+
+        ``meanwhile`` is work for while each request waits on the server.
+        """
         signal = threading.Event()
         with self._lock:
             self._signals[batch] = signal
         try:
             while True:
-                rest = self._send_part(batch, deadline, signal, reason)
+                rest = self._send_part(batch, deadline, signal, reason, prepared, meanwhile)
+                prepared = None
                 if not rest:
                     return
                 with self._lock:
@@ -673,10 +707,16 @@ class Worker:
             self._complete(batch)
 
     def _send_part(
-        self, batch: Batch, deadline: Deadline, signal: threading.Event, reason: Optional[Reason]
+        self,
+        batch: Batch,
+        deadline: Deadline,
+        signal: threading.Event,
+        reason: Optional[Reason],
+        prepared: Optional[Prepared] = None,
+        meanwhile: Optional[Callable[[], None]] = None,
     ) -> List[Event]:
         """Send what fits of ``batch`` in one request; returns the events left for the next."""
-        prep = self._codec.prepare(batch.events)
+        prep = self._codec.prepare(batch.events) if prepared is None else prepared
         opts = self._opts
         rejected_events = [ev for rej in prep.rejected for ev in rej.events]
         with self._lock:
@@ -706,22 +746,33 @@ class Worker:
                 if will_retry:
                     self.ledger.retries += 1
 
+        overlapped = 0.0  # time spent on ``meanwhile``: not the server's latency
+
+        def while_waiting() -> None:
+            nonlocal overlapped
+            if meanwhile is not None:
+                t = monotonic()
+                meanwhile()
+                overlapped += monotonic() - t
+
         started = monotonic()
         outcome: Any
         try:
-            outcome = self._sender.deliver(prep.body, prep.events, deadline, signal, failed_attempt)
+            outcome = self._sender.deliver(
+                prep.body, prep.events, deadline, signal, failed_attempt, while_waiting if meanwhile else None
+            )
         except SendError as exc:
             outcome = exc
             if reason is not None and deadline.expired():
                 # Sending on a flush()'s own thread: its deadline cut this short.
                 message = deadline_message(reason, len(prep.events), batch.cause)
                 outcome = SendError(message, prep.events, reason=reason, status=exc.status)
+        took = monotonic() - started - overlapped
         if opts.debug:
-            self._debug_outcome(len(prep.events), outcome, monotonic() - started)
+            self._debug_outcome(len(prep.events), outcome, took)
         undelivered: List[Event] = list(prep.events)
         if isinstance(outcome, BatchResponse):
             undelivered = self._rejected(outcome, prep.events)
-        took = monotonic() - started
         with self._lock:
             claimed = not self.ledger.decide(batch, undelivered)
             if isinstance(outcome, BatchResponse):
@@ -830,3 +881,12 @@ class Worker:
             snap["last_success"] = self.ledger.last_success
             snap["last_failure"] = self.ledger.last_failure
         return snap
+
+
+def _same_events(a: List[Event], b: List[Event]) -> bool:
+    """Whether two runs taken from the head of the queue hold the same events.
+
+    The queue only loses events at its ends and sequence numbers only grow,
+    so the same length and the same first and last events mean the same run.
+    """
+    return len(a) == len(b) and bool(a) and a[0] is b[0] and a[-1] is b[-1]
