@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import re
 import threading
@@ -692,6 +693,39 @@ def test_debug_logs_each_request_outcome_failures_included(
         assert re.search(r"3 event\(s\).*400.*\d+\.\d+s|3 event\(s\).*\d+\.\d+s.*400", text), text
         assert re.search(r"1 event\(s\).*status=ok", text), text
         assert all(KEY not in r.getMessage() for r in caplog.records)
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
+class OneShot:
+    """A duck-typed array whose values can be read once (a consumed stream)."""
+
+    def __init__(self, values: List[int]) -> None:
+        self.values: Optional[List[int]] = values
+
+    def tolist(self) -> List[int]:
+        values, self.values = self.values, None
+        if values is None:
+            raise RuntimeError("already read")
+        return values
+
+
+def test_debug_shows_each_event_as_sent_and_never_fails_the_batch(
+    make_client: MakeClient, collector: Collector, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The logged JSON is cut from the body that went out: no value is read a second time."""
+    logger = logging.getLogger("klime.test.debug.parts")
+    try:
+        client = make_client(collector.url, logger=logger, debug=True, max_batch_size=5)
+        for i in range(5):
+            client.track("Shown", {"i": i, "once": OneShot([i, i])}, user_id="u1")
+        assert client.flush(timeout=10) is True
+        assert recorder.errors == []
+        assert [e["properties"] for e in collector.events] == [{"i": i, "once": [i, i]} for i in range(5)]
+        shown = [r.getMessage() for r in caplog.records if r.name == logger.name and "sending event" in r.getMessage()]
+        assert len(shown) == 5
+        for line, event in zip(shown, collector.events):
+            assert json.loads(line.split("sending event ", 1)[1]) == event
     finally:
         logger.setLevel(logging.NOTSET)
 

@@ -1066,7 +1066,9 @@ def test_a_batch_in_one_piece_is_the_same_as_event_by_event() -> None:
 
 
 def test_one_piece_timestamps_are_each_events_own_millisecond() -> None:
-    times = [1.7e9 + k * 0.0001 for k in range(50)] + [59.9999996, 60.0004, -0.0005, 0.0]
+    # The first time falls in millisecond -1 (the last of 1969), which must not
+    # be mistaken for "no millisecond yet".
+    times = [-0.0005, -0.0009, 0.0] + [1.7e9 + k * 0.0001 for k in range(50)] + [59.9999996, 60.0004, -0.0005]
     events = [new_event("track", "E", "u", None, {}, None, t) for t in times]
     wire = json.loads(Codec().prepare(events).body)["batch"]
     for t, sent_ev in zip(times, wire):
@@ -1107,3 +1109,35 @@ def test_a_lone_surrogate_rejects_its_event_only_in_a_batch() -> None:
     assert prep.events == good
     assert [(r.reason, r.events) for r in prep.rejected] == [("unencodable", [bad])]
     assert [e["properties"]["i"] for e in json.loads(prep.body)["batch"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("when", [float("inf"), float("nan"), 1e20])
+def test_a_time_that_cannot_be_written_rejects_its_event_only(when: float) -> None:
+    good = [new_event("track", "E", "u", None, {"i": i}, None, 0.0) for i in range(2)]
+    bad = new_event("track", "E", "u", None, {"i": 9}, None, when)
+    prep = Codec().prepare([good[0], bad, good[1]])
+    assert prep.events == good
+    assert [(r.reason, r.events) for r in prep.rejected] == [("unencodable", [bad])]
+
+
+def test_events_with_both_or_neither_properties_and_traits_take_the_per_event_path() -> None:
+    both = new_event("track", "E", "u", None, {"p": 1}, {"t": 2}, 0.0, "m1")
+    neither = new_event("identify", None, "u", None, None, None, 0.0, "m2")
+    fast = Codec().prepare([both, neither])
+    slow = Codec(json_default=str).prepare([both, neither])
+    assert fast.body == slow.body
+    wire = json.loads(fast.body)["batch"]
+    assert wire[0]["properties"] == {"p": 1} and wire[0]["traits"] == {"t": 2}
+    assert "traits" not in wire[1] and "properties" not in wire[1]
+
+
+def test_parts_are_cut_from_the_body_even_when_a_value_looks_like_the_context() -> None:
+    library = {"name": "python-sdk", "version": klime.__version__}
+    events = [
+        new_event("track", "E", "u", None, {"a": 1, "context": {"library": library}}, None, 0.0, "m1"),
+        new_event("track", "E", "u", None, {"b": 2}, None, 0.0, "m2"),
+    ]
+    prep = Codec().prepare(events)
+    assert [json.loads(p) for p in prep.parts] == json.loads(prep.body)["batch"]
+    plain = Codec().prepare([new_event("track", "E", "u", None, {"b": i}, None, 0.0, f"m{i}") for i in range(3)])
+    assert b"[" + b",".join(plain.parts) + b"]" == plain.body[len(b'{"batch":') : -1]

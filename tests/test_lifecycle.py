@@ -609,3 +609,32 @@ def test_the_fork_mark_reads_false_in_any_child_until_the_fork_entry_ran(tmp_pat
     assert proc.returncode == 0, proc.stderr
     expected_kind = "mmap" if sys.platform.startswith("linux") else "_PidMark"
     assert proc.stdout.split() == ["0", "0", "True", expected_kind], proc.stdout + proc.stderr
+
+
+def test_the_fork_mark_is_not_trusted_where_any_advice_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An emulator that accepts advice it does not know would never show a fork: the pid is compared there."""
+    import mmap
+
+    from klime import _lifecycle
+
+    class Lenient(mmap.mmap):
+        def madvise(self, *args: Any) -> None:
+            return None
+
+    monkeypatch.setattr(mmap, "mmap", Lenient)
+    assert type(_lifecycle._fork_mark()).__name__ == "_PidMark"
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):
+        assert type(_lifecycle._fork_mark()).__name__ == "mmap"
+
+
+def test_a_fork_mark_found_cleared_is_set_again_even_if_the_pid_is_the_same() -> None:
+    """A fork that keeps the pid (a new pid namespace) must not leave every call taking the lock."""
+    from klime import _lifecycle
+
+    _lifecycle.mark[0] = 0  # a _PidMark (not Linux) ignores this and compares the pid
+    try:
+        _lifecycle.check_fork()
+        assert _lifecycle.mark[0] and _lifecycle._pid == os.getpid()
+    finally:
+        _lifecycle.mark[0] = 1

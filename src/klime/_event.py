@@ -600,6 +600,7 @@ def _encoder_factory(default: Callable[[Any], Any]) -> Callable[[], Callable[[An
 
 _make_encoder = _encoder_factory(_default)
 _CONTEXT_TAIL = ',"context":' + json.dumps({"library": _LIBRARY}, separators=(",", ":")) + "}"
+_CONTEXT_TAIL_BYTES = _CONTEXT_TAIL.encode()
 # The start of each event's JSON, by type; an EventType member finds its entry too.
 _HEAD = {t: f'{{"type":"{t}","messageId":' for t in _TYPES}
 
@@ -654,12 +655,22 @@ class Prepared:
         """Each sent event's JSON (for debug logging), as it is in the body.
 
         A body built in one piece holds only events of the plain codec,
-        whose ids and timestamps are fixed by then, so encoding them again
-        gives the same text.
+        each ending with the same context: the body is cut after each. If
+        a property value holding that context's text makes the cut
+        ambiguous, each event is encoded again instead, which shows nested
+        values as they are now.
         """
         if self.texts is None:
-            enc = _make_encoder()
-            self.texts = [_plain_json(ev, enc) for ev in self.events]
+            inner = self.body[len(_BODY_HEAD) : -len(_BODY_TAIL)]
+            pieces = inner.split(_CONTEXT_TAIL_BYTES + b",") if inner else []
+            # A value that holds the context text can cut an event in two (a
+            # piece too many) or hide a real cut (a piece that does not start
+            # an event): then each event is encoded again.
+            if len(pieces) == len(self.events) and all(p.startswith(b'{"type":"') for p in pieces):
+                self.texts = [p + _CONTEXT_TAIL_BYTES for p in pieces[:-1]] + pieces[-1:]
+            else:
+                enc = _make_encoder()
+                self.texts = [_plain_json(ev, enc) for ev in self.events]
         return self.texts
 
 
@@ -940,9 +951,11 @@ def _plain_batch(
     items: List[Any] = []
     add = items.append
     for ev in events:
-        if type(ev) is not _Queued or ev._ctx is not None:
+        props = ev.properties
+        # Exactly one of properties/traits, as the client builds them.
+        if type(ev) is not _Queued or ev._ctx is not None or (props is None) is (ev.traits is None):
             return None
-        add(ev.properties if ev.properties is not None else ev.traits)
+        add(ev.traits if props is None else props)
         add(_MARK)
         if ev._id is None:
             missing += 1
@@ -959,14 +972,22 @@ def _plain_batch(
     fresh: Optional[List[Tuple[Event, str]]] = None if adopt else []
     out = ['{"batch":[']
     add = out.append
-    # Events of a burst share their millisecond: its text is made once.
-    last_ms, last_ts = -1, ""
+    # Events of a burst share their millisecond: its text is made once; names
+    # and ids repeat within a batch: each is quoted once.
+    last_ms: Optional[int] = None
+    last_ts = ""
+    names: Dict[Optional[str], str] = {None: ""}
+    users: Dict[Optional[str], str] = {None: ""}
+    groups: Dict[Optional[str], str] = {None: ""}
     for ev, piece in zip(events, pieces):
         ts = ev._ts
         if type(ts) is float:
-            ms = round(ts * 1_000_000) // 1000  # epoch_ms(), inlined
-            if ms != last_ms:
-                last_ms, last_ts = ms, format_ms(ms)
+            try:
+                ms = round(ts * 1_000_000) // 1000  # epoch_ms(), inlined
+                if ms != last_ms:
+                    last_ms, last_ts = ms, format_ms(ms)
+            except (OverflowError, ValueError):
+                return None  # no such time (inf, nan, past year 9999): the per-event path rejects it
             ts = last_ts
             if adopt:
                 ev._ts = ts
@@ -978,20 +999,22 @@ def _plain_batch(
                 ev._id = mid
             else:
                 fresh.append((ev, mid))
-            quoted = f'"{mid}"'
         else:
-            quoted = _quote(mid)
-        name, user, group = ev.event, ev.userId, ev.groupId
+            mid = _quote(mid)[1:-1]
+        name = names.get(ev.event)
+        if name is None:
+            name = names[ev.event] = _K_EVENT + _quote(ev.event)  # type: ignore[arg-type]  # None is in the dict
+        user = users.get(ev.userId)
+        if user is None:
+            user = users[ev.userId] = _K_USER + _quote(ev.userId)  # type: ignore[arg-type]  # None is in the dict
+        group = groups.get(ev.groupId)
+        if group is None:
+            group = groups[ev.groupId] = _K_GROUP + _quote(ev.groupId)  # type: ignore[arg-type]  # None is in the dict
         add(
-            f'{_HEAD[ev.type]}{quoted},"timestamp":"{ts}"'
-            f'{"" if name is None else _K_EVENT + _quote(name)}'
-            f'{"" if user is None else _K_USER + _quote(user)}'
-            f'{"" if group is None else _K_GROUP + _quote(group)}'
-            f'{_K_TRAITS if ev.properties is None else _K_PROPERTIES}'
+            f'{_HEAD[ev.type]}"{mid}","timestamp":"{ts}"{name}{user}{group}'
+            f"{_K_TRAITS if ev.properties is None else _K_PROPERTIES}{piece}{_EVENT_END}"
         )
-        add(piece)
-        add(_EVENT_END)
-    out[-1] = _BATCH_END
+    out[-1] = out[-1][: -len(_EVENT_END)] + _BATCH_END
     try:
         # A lone surrogate fails here: the per-event path reports its event.
         body = "".join(out).encode()
@@ -1000,14 +1023,12 @@ def _plain_batch(
     if len(body) > max_body:
         return None
     if len(body) - _BATCH_OVERHEAD > MAX_EVENT_BYTES:
-        # Some event may be over the limit. Event i is out[3i+1] and
-        # out[3i+2] (the only parts that can be non-ASCII) and the context.
-        for i in range(1, len(out), 3):
-            chars = len(out[i]) + len(out[i + 1]) + len(_CONTEXT_TAIL)
-            if chars > MAX_EVENT_BYTES or (
-                chars * 4 > MAX_EVENT_BYTES
-                and len(out[i].encode()) + len(out[i + 1].encode()) + len(_CONTEXT_TAIL) > MAX_EVENT_BYTES
-            ):
+        # Some event may be over the limit: event i is out[i + 1] less its
+        # separator (the last one ends the batch instead).
+        last = len(out) - 1
+        for i in range(1, len(out)):
+            tail = len(_BODY_TAIL) if i == last else 1  # ASCII
+            if (len(out[i]) - tail) * 4 > MAX_EVENT_BYTES and len(out[i].encode()) - tail > MAX_EVENT_BYTES:
                 return None
     return Prepared(list(events), body, fresh=fresh)
 

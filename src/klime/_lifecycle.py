@@ -58,12 +58,21 @@ def _fork_mark() -> mmap.mmap | _PidMark:
     if sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise"):
         try:
             page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            page.madvise(18)  # MADV_WIPEONFORK
-        except (OSError, ValueError, AttributeError):
-            pass
-        else:
-            page[0] = 1
-            return page
+        except (OSError, ValueError):
+            return _PidMark()
+        try:
+            # An emulator that accepts any advice and ignores it (older
+            # qemu-user) would make every fork look like none: it must
+            # refuse advice that does not exist before this one is trusted.
+            page.madvise(-1)
+        except (OSError, ValueError, OverflowError):
+            try:
+                page.madvise(18)  # MADV_WIPEONFORK
+            except (OSError, ValueError):
+                pass
+            else:
+                page[0] = 1
+                return page
     return _PidMark()
 
 
@@ -111,13 +120,13 @@ def _forked(from_hook: bool) -> None:
     """The one fork entry: runs once per child, whatever reached it first.
 
     Several threads of a fresh child can make their first call at once: the
-    first resets, the others wait on the lock and then find the pid current.
+    first resets, the others wait on the lock and then find the mark set.
     """
     global _pid
     with _fork_lock:
+        if mark[0]:
+            return  # another thread of this child did it first
         pid = os.getpid()
-        if pid == _pid:
-            return
         for client in {*_clients, *_every}:
             # A client built in this child before the entry ran is already fresh:
             # resetting it would pull its state out from under its running threads.

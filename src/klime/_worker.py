@@ -736,7 +736,7 @@ class Worker:
         if not prep.events:
             return prep.rest
         if opts.debug:
-            self._debug_events(prep.parts)
+            self._debug_events(prep)
 
         def failed_attempt(cause: str, will_retry: bool) -> None:
             batch.cause = cause
@@ -803,8 +803,13 @@ class Worker:
 
     # --- debug=True (docs/design.md, "Debug") ---------------------------------------------
 
-    def _debug_events(self, parts: List[bytes]) -> None:
-        """Each event's wire JSON, as it goes out."""
+    def _debug_events(self, prep: Prepared) -> None:
+        """Each event's wire JSON, as it goes out; showing it never stops the sending."""
+        try:
+            parts = prep.parts
+        except Exception as exc:
+            self._logger.debug("sending %d event(s) (not shown: %s)", len(prep.events), type(exc).__name__)
+            return
         for part in parts:
             self._logger.debug("sending event %s", part.decode("utf-8", "replace"))
 
@@ -854,7 +859,7 @@ class Worker:
 
         debug = self._opts.debug
         if debug:
-            self._debug_events(prep.parts)
+            self._debug_events(prep)
         started = monotonic()
         try:
             response = self._sender.deliver(prep.body, prep.events, Deadline.never(), interrupt, failed_attempt)
