@@ -232,3 +232,24 @@ def test_a_batch_encoded_ahead_whose_events_were_dropped_is_encoded_again(
     assert [ev.properties["i"] for ev in dropped] == [10, 11, 12, 13, 14]
     sent_ids = {e["messageId"] for b in batches for e in b}
     assert len(sent_ids) == 20 and not sent_ids & {ev.messageId for ev in dropped}
+
+
+def test_no_lane_opens_while_the_process_is_busy_whatever_the_latency(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests that are slow because the lane waits for the GIL are not a slow network.
+
+    The process is made to look busy the whole time (its CPU clock runs with
+    the wall clock), so no request ever leaves it idle: however slow the
+    server, one lane does it all, unlike the idle-process case above.
+    """
+    monkeypatch.setattr(klime._worker, "process_time", time.monotonic)
+    distant = Distant(0.03)
+    server = raw_servers(distant)
+    client = make_client(server.url, max_batch_size=10, max_queue_size=1000)
+    for i in range(200):
+        client.track("Busy", {"i": i}, user_id="u1", message_id=f"busy-{i}")
+    assert client.flush(timeout=30) is True
+    assert sorted(delivered_ids(server)) == sorted(f"busy-{i}" for i in range(200))
+    assert recorder.errors == []
+    assert distant.peak == 1 and server.connections == 1

@@ -224,7 +224,7 @@ def test_review_deadline_with_batches_in_flight_on_several_lanes(
         max_batch_size=10, max_in_flight=4, on_error=on_error,
     )
     try:
-        for i in range(3):
+        for i in range(4):
             client.track("Warm", user_id="u1", message_id=f"warm{i}")
             assert client.flush(timeout=5) is True
         for i in range(100):

@@ -41,6 +41,8 @@ LANE_IDLE = 10.0
 # server a request is mostly CPU, and more threads would only contend for
 # the GIL (docs/design.md, "Lanes").
 LANE_LATENCY = 0.008
+# The process's CPU time, all threads: a module name so that tests can stand in for it.
+process_time = time.process_time
 
 
 # What a deadline claimed: batches in flight, overflow drops, queued events, and the
@@ -446,8 +448,16 @@ class Worker:
         return self.ledger.take_batch(self._batch_size)
 
     def _slow_network(self) -> bool:
-        """Whether requests wait on the network long enough for more lanes to help (lock held)."""
-        return len(self._latencies) >= 3 and min(self._latencies) >= LANE_LATENCY
+        """Whether requests wait on the network long enough for more lanes to help (lock held).
+
+        Measured as the time the whole process sat idle during each request:
+        a request made slow by waiting for the GIL, while the application's
+        threads keep it busy, would only be slowed further by more lanes.
+        """
+        # Four in a row: a pause of the whole machine (a virtual machine's CPU
+        # taken away) can make one or two requests look idle.
+        latencies = self._latencies
+        return len(latencies) == latencies.maxlen and min(latencies) >= LANE_LATENCY
 
     def _finish_drops(self, drops: Batch) -> None:
         try:
@@ -756,6 +766,7 @@ class Worker:
                 overlapped += monotonic() - t
 
         started = monotonic()
+        started_cpu = process_time()
         outcome: Any
         try:
             outcome = self._sender.deliver(
@@ -767,7 +778,11 @@ class Worker:
                 # Sending on a flush()'s own thread: its deadline cut this short.
                 message = deadline_message(reason, len(prep.events), batch.cause)
                 outcome = SendError(message, prep.events, reason=reason, status=exc.status)
-        took = monotonic() - started - overlapped
+        wall = monotonic() - started
+        # The part of the wait in which this process did nothing: time spent
+        # waiting for the GIL while other threads ran is not the server's.
+        idle = max(wall - (process_time() - started_cpu), 0.0)
+        took = wall - overlapped
         if opts.debug:
             self._debug_outcome(len(prep.events), outcome, took)
         undelivered: List[Event] = list(prep.events)
@@ -777,7 +792,7 @@ class Worker:
             claimed = not self.ledger.decide(batch, undelivered)
             if isinstance(outcome, BatchResponse):
                 self._healthy = True
-                self._latencies.append(took)
+                self._latencies.append(idle)
                 if len(self.ledger.queue) >= self._send_at and self._dispatch_needed():
                     self._work.notify()  # a backlog behind a slow network: another lane may open
         if claimed:
