@@ -105,6 +105,9 @@ class Worker:
         # How long the last few successful requests took; the shortest is the
         # network's share (a longer one may have waited for the CPU).
         self._latencies: Deque[float] = deque(maxlen=4)
+        # _healthy and _slow_network(), kept up to date as requests end: every
+        # put() behind a busy lane reads it.
+        self._widen = False
         self._last_cause: Optional[str] = None
         self._threads: Dict[int, str] = {}  # ident -> role, for "called from a callback" checks
         self._signals: Dict[Batch, threading.Event] = {}  # cuts a claimed batch's retry wait short
@@ -382,7 +385,7 @@ class Worker:
                     pause = self._sender.paused()
                     free = self._idle > len(self._ready)
                     can_open = self._lanes == 0 or (
-                        self._lanes < self._max_lanes and self._healthy and self._slow_network()
+                        self._lanes < self._max_lanes and self._widen
                     )
                     if due and pause <= 0 and (free or can_open):
                         batch = ledger.take_batch(self._batch_size)
@@ -432,7 +435,7 @@ class Worker:
         start the first one, or open another (docs/design.md, "Lanes").
         """
         return self._idle > 0 or self._lanes == 0 or (
-            self._lanes < self._max_lanes and self._healthy and self._slow_network()
+            self._lanes < self._max_lanes and self._widen
         )
 
     def _take_due(self) -> Optional[Batch]:
@@ -753,6 +756,7 @@ class Worker:
             self._last_cause = cause
             with self._lock:
                 self._healthy = False
+                self._widen = False
                 if will_retry:
                     self.ledger.retries += 1
 
@@ -793,6 +797,7 @@ class Worker:
             if isinstance(outcome, BatchResponse):
                 self._healthy = True
                 self._latencies.append(idle)
+                self._widen = self._slow_network()
                 if len(self.ledger.queue) >= self._send_at and self._dispatch_needed():
                     self._work.notify()  # a backlog behind a slow network: another lane may open
         if claimed:
