@@ -1141,3 +1141,26 @@ def test_parts_are_cut_from_the_body_even_when_a_value_looks_like_the_context() 
     assert [json.loads(p) for p in prep.parts] == json.loads(prep.body)["batch"]
     plain = Codec().prepare([new_event("track", "E", "u", None, {"b": i}, None, 0.0, f"m{i}") for i in range(3)])
     assert b"[" + b",".join(plain.parts) + b"]" == plain.body[len(b'{"batch":') : -1]
+
+
+def test_a_body_encoded_ahead_changes_no_event_until_adopted() -> None:
+    events = [new_event("track", "E", "u", None, {"i": i}, None, 1.7e9, "given" if i == 1 else None) for i in range(3)]
+    prep = Codec().prepare_ahead(events)
+    assert prep is not None
+    assert [ev._id for ev in events] == [None, "given", None]
+    assert all(isinstance(ev._ts, float) for ev in events)
+    sent = [e["messageId"] for e in json.loads(prep.body)["batch"]]
+    assert sent[1] == "given" and all(UUID4.match(m) for m in (sent[0], sent[2]))
+    assert prep.adopt() is True
+    assert [ev.messageId for ev in events] == sent
+    # Encoded again, the same events give the same body.
+    assert Codec().prepare(events).body == prep.body
+
+
+def test_a_body_encoded_ahead_is_refused_if_an_event_got_another_id() -> None:
+    events = [new_event("track", "E", "u", None, {"i": i}, None, 1.7e9) for i in range(2)]
+    prep = Codec().prepare_ahead(events)
+    assert prep is not None
+    events[1].messageId = "assigned-meanwhile"
+    assert prep.adopt() is False
+    assert Codec(before_send=lambda d: d).prepare_ahead(events) is None  # user code: never ahead

@@ -633,8 +633,10 @@ class Prepared:
     filtered: List[Event] = field(default_factory=list)  # dropped by before_send (not failures)
     # Each sent event's JSON; None when the body was built in one piece.
     texts: Optional[List[bytes]] = field(default=None, repr=False)
-    # Encoded ahead (Codec.prepare_ahead): the ids the body gives events that had none.
-    fresh: Optional[List[Tuple[Event, str]]] = field(default=None, repr=False)
+    # Encoded ahead (Codec.prepare_ahead): for each event, the id the body
+    # gives it if it had none, else None (strings, not pairs: no garbage
+    # collector work per event).
+    fresh: Optional[List[Optional[str]]] = field(default=None, repr=False)
 
     def adopt(self) -> bool:
         """Give the events the ids the body uses; False if one has another id by now.
@@ -642,7 +644,9 @@ class Prepared:
         For a body encoded ahead, by the thread that has since taken its
         events (no other thread assigns their ids any more).
         """
-        for ev, mid in self.fresh or ():
+        for ev, mid in zip(self.events, self.fresh or ()):
+            if mid is None:
+                continue
             if ev._id is None:
                 ev._id = mid
             elif ev._id != mid:
@@ -969,7 +973,7 @@ def _plain_batch(
     if len(pieces) != len(events) or not text.endswith(_MARK_END):
         return None
     ids = iter(new_message_ids(missing))
-    fresh: Optional[List[Tuple[Event, str]]] = None if adopt else []
+    fresh: Optional[List[Optional[str]]] = None if adopt else []
     out = ['{"batch":[']
     add = out.append
     # Events of a burst share their millisecond: its text is made once; names
@@ -998,8 +1002,10 @@ def _plain_batch(
             if fresh is None:
                 ev._id = mid
             else:
-                fresh.append((ev, mid))
+                fresh.append(mid)
         else:
+            if fresh is not None:
+                fresh.append(None)
             mid = _quote(mid)[1:-1]
         name = names.get(ev.event)
         if name is None:
