@@ -234,22 +234,33 @@ def test_a_batch_encoded_ahead_whose_events_were_dropped_is_encoded_again(
     assert len(sent_ids) == 20 and not sent_ids & {ev.messageId for ev in dropped}
 
 
-def test_no_lane_opens_while_the_process_is_busy_whatever_the_latency(
-    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+def test_a_busy_application_still_gets_lanes_against_a_distant_server(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
 ) -> None:
-    """Requests that are slow because the lane waits for the GIL are not a slow network.
+    """An application thread that keeps a core busy must not hide the network's wait.
 
-    The process is made to look busy the whole time (its CPU clock runs with
-    the wall clock), so no request ever leaves it idle: however slow the
-    server, one lane does it all, unlike the idle-process case above.
+    (Counting only the time the whole process sat idle as the network's
+    share did: against a 50 ms server one lane carried everything and the
+    queue dropped most events.)
     """
-    monkeypatch.setattr(klime._worker, "process_time", time.monotonic)
-    distant = Distant(0.03)
-    server = raw_servers(distant)
-    client = make_client(server.url, max_batch_size=10, max_queue_size=1000)
-    for i in range(200):
-        client.track("Busy", {"i": i}, user_id="u1", message_id=f"busy-{i}")
-    assert client.flush(timeout=30) is True
-    assert sorted(delivered_ids(server)) == sorted(f"busy-{i}" for i in range(200))
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        distant = Distant(0.05)
+        server = raw_servers(distant)
+        client = make_client(server.url, max_batch_size=10, max_queue_size=1000)
+        for i in range(400):
+            client.track("Busy", {"i": i}, user_id="u1", message_id=f"busy-{i}")
+        assert client.flush(timeout=60) is True
+    finally:
+        stop.set()
+        spinner.join(10)
+    assert sorted(delivered_ids(server)) == sorted(f"busy-{i}" for i in range(400))
     assert recorder.errors == []
-    assert distant.peak == 1 and server.connections == 1
+    assert distant.peak >= 2, "several requests in flight"

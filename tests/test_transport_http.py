@@ -238,6 +238,25 @@ def test_hanging_server_times_out_and_the_connection_is_dropped(closing: Callabl
     assert [r.connection for r in server.requests] == [0, 1]
 
 
+def test_work_done_while_waiting_does_not_use_up_the_request_timeout(closing: Callable[[Any], Any]) -> None:
+    """The sender's own work between writing and reading (``meanwhile``) is not the server's time."""
+    server = closing(WireServer())
+    t = closing(transport(server.url, timeout=0.2))
+    calls: List[float] = []
+    resp = t.post(BODY, never(), lambda: calls.append(time.sleep(0.5) or time.monotonic()))
+    assert resp.status == 200 and resp.body == OK
+    assert len(calls) == 1 and len(server.requests) == 1, "answered once, not retried"
+
+
+def test_work_done_while_waiting_never_moves_the_callers_deadline(closing: Callable[[Any], Any]) -> None:
+    server = closing(WireServer(lambda req: "hang"))
+    t = closing(transport(server.url, timeout=30.0))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        t.post(BODY, Deadline.after(0.6), lambda: time.sleep(0.2))
+    assert time.monotonic() - started < 3.0
+
+
 # --- keep-alive and stale connections ------------------------------------------------
 
 

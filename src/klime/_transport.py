@@ -541,16 +541,22 @@ class HttpTransport:
         conn = self._take()
         if conn is not None:
             try:
-                return self._exchange(conn, body, end, limit, meanwhile)
+                return self._exchange(conn, body, end, limit, meanwhile, deadline.at)
             except _STALE:
                 if conn.answered:
                     raise
             # The server closed the idle connection: once more, on a new one.
         conn = self._open(end, limit)
-        return self._exchange(conn, body, end, limit, meanwhile)
+        return self._exchange(conn, body, end, limit, meanwhile, deadline.at)
 
     def _exchange(
-        self, conn: _Conn, body: bytes, end: float, limit: float, meanwhile: Optional[Callable[[], None]]
+        self,
+        conn: _Conn,
+        body: bytes,
+        end: float,
+        limit: float,
+        meanwhile: Optional[Callable[[], None]] = None,
+        cap: Optional[float] = None,
     ) -> Response:
         """Send and read one answer on ``conn``; it goes back to the pool or is closed."""
         reusable = False
@@ -558,7 +564,14 @@ class HttpTransport:
             conn.answered = False
             conn.send(memoryview(self._head.data + b"%d\r\n\r\n" % len(body) + body), end, limit)
             if meanwhile is not None:
+                started = monotonic()
                 meanwhile()
+                # The sender's own work is not the server's time: the attempt's
+                # end moves by as much (never past the caller's deadline), so an
+                # answer that arrived meanwhile is read, not timed out.
+                end += monotonic() - started
+                if cap is not None and end > cap:
+                    end = cap
             status, _, headers, keep = conn.read_head(end, limit)
             while 100 <= status < 200 and status != 101:
                 status, _, headers, keep = conn.read_head(end, limit)  # 100 Continue, 103 ...

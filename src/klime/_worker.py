@@ -41,8 +41,6 @@ LANE_IDLE = 10.0
 # server a request is mostly CPU, and more threads would only contend for
 # the GIL (docs/design.md, "Lanes").
 LANE_LATENCY = 0.008
-# The process's CPU time, all threads: a module name so that tests can stand in for it.
-process_time = time.process_time
 
 
 # What a deadline claimed: batches in flight, overflow drops, queued events, and the
@@ -451,14 +449,10 @@ class Worker:
         return self.ledger.take_batch(self._batch_size)
 
     def _slow_network(self) -> bool:
-        """Whether requests wait on the network long enough for more lanes to help (lock held).
-
-        Measured as the time the whole process sat idle during each request:
-        a request made slow by waiting for the GIL, while the application's
-        threads keep it busy, would only be slowed further by more lanes.
-        """
-        # Four in a row: a pause of the whole machine (a virtual machine's CPU
-        # taken away) can make one or two requests look idle.
+        """Whether requests wait on the network long enough for more lanes to help (lock held)."""
+        # Four in a row: a request can also be slow because its lane waited for
+        # the GIL (up to a switch interval, 5 ms, at each hand-over) or because
+        # a virtual machine lost its CPU for a moment.
         latencies = self._latencies
         return len(latencies) == latencies.maxlen and min(latencies) >= LANE_LATENCY
 
@@ -600,7 +594,8 @@ class Worker:
                     return
                 with self._lock:
                     q = self.ledger.queue
-                    if self._ready or len(q) < self._batch_size:
+                    # With several lanes another one would most likely take it first.
+                    if self._ready or len(q) < self._batch_size or self._lanes > 1:
                         return
                     events = list(islice(q, self._batch_size))
                 prep = self._codec.prepare_ahead(events)
@@ -770,7 +765,6 @@ class Worker:
                 overlapped += monotonic() - t
 
         started = monotonic()
-        started_cpu = process_time()
         outcome: Any
         try:
             outcome = self._sender.deliver(
@@ -782,11 +776,7 @@ class Worker:
                 # Sending on a flush()'s own thread: its deadline cut this short.
                 message = deadline_message(reason, len(prep.events), batch.cause)
                 outcome = SendError(message, prep.events, reason=reason, status=exc.status)
-        wall = monotonic() - started
-        # The part of the wait in which this process did nothing: time spent
-        # waiting for the GIL while other threads ran is not the server's.
-        idle = max(wall - (process_time() - started_cpu), 0.0)
-        took = wall - overlapped
+        took = monotonic() - started - overlapped
         if opts.debug:
             self._debug_outcome(len(prep.events), outcome, took)
         undelivered: List[Event] = list(prep.events)
@@ -796,7 +786,7 @@ class Worker:
             claimed = not self.ledger.decide(batch, undelivered)
             if isinstance(outcome, BatchResponse):
                 self._healthy = True
-                self._latencies.append(idle)
+                self._latencies.append(took)
                 self._widen = self._slow_network()
                 if len(self.ledger.queue) >= self._send_at and self._dispatch_needed():
                     self._work.notify()  # a backlog behind a slow network: another lane may open
