@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
 import klime._worker
-from klime import Event
+from klime import Event, KlimeClient
 from klime._event import Codec, Prepared
 
 from .conftest import MakeClient, RawServers, Recorder
@@ -175,23 +175,31 @@ def sent_requests(server: RawServer) -> List[List[Dict[str, Any]]]:
     return [req.json()["batch"] for req in server.requests]
 
 
-def test_the_next_batch_is_encoded_while_a_request_waits_and_goes_out_with_its_events_ids(
-    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def encoded_ahead_during_request_1(
+    raw_servers: RawServers, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, queue: int
+) -> Tuple[AheadSpy, Held, RawServer, KlimeClient]:
+    """Events 0-14 in batches of 5, one lane; returns once request 1 (events 5-9)
+    is held by the server and the lane has encoded 10-14 meanwhile (had 5-9 been
+    queued when request 0 was written, it encoded those during request 0 too)."""
     spy = AheadSpy(monkeypatch)
     held = Held(0, 1)
     server = raw_servers(held)
-    client = make_client(server.url, max_batch_size=5, max_queue_size=100, max_in_flight=1)
+    client = make_client(server.url, max_batch_size=5, max_queue_size=queue, max_in_flight=1)
     for i in range(5):
         client.track("Ahead", {"i": i}, user_id="u1")
     server.wait_for_requests(1)
     for i in range(5, 15):
         client.track("Ahead", {"i": i}, user_id="u1")
     held.release(0)
-    # Request 1 (events 5-9) waits on the server: the lane has encoded 10-14 meanwhile
-    # (and, had 5-9 been queued when request 0 was written, those during request 0).
     server.wait_for_requests(2)
     assert wait_until(lambda: any(spy.indexes(k) == [10, 11, 12, 13, 14] for k in range(len(spy.made))))
+    return spy, held, server, client
+
+
+def test_the_next_batch_is_encoded_while_a_request_waits_and_goes_out_with_its_events_ids(
+    raw_servers: RawServers, make_client: MakeClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy, held, server, client = encoded_ahead_during_request_1(raw_servers, make_client, monkeypatch, 100)
     ahead = spy.made[-1]
     assert [ev.properties["i"] for ev in ahead.events] == [10, 11, 12, 13, 14]  # type: ignore[index]
     assert all(ev._id is None for ev in ahead.events), "events still queued are not changed"
@@ -208,18 +216,7 @@ def test_the_next_batch_is_encoded_while_a_request_waits_and_goes_out_with_its_e
 def test_a_batch_encoded_ahead_whose_events_were_dropped_is_encoded_again(
     raw_servers: RawServers, make_client: MakeClient, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spy = AheadSpy(monkeypatch)
-    held = Held(0, 1)
-    server = raw_servers(held)
-    client = make_client(server.url, max_batch_size=5, max_queue_size=10, max_in_flight=1)
-    for i in range(5):
-        client.track("Ahead", {"i": i}, user_id="u1")
-    server.wait_for_requests(1)
-    for i in range(5, 15):
-        client.track("Ahead", {"i": i}, user_id="u1")
-    held.release(0)
-    server.wait_for_requests(2)
-    assert wait_until(lambda: any(spy.indexes(k) == [10, 11, 12, 13, 14] for k in range(len(spy.made))))
+    _, held, server, client = encoded_ahead_during_request_1(raw_servers, make_client, monkeypatch, 10)
     # The queue overflows: the oldest queued events, those encoded ahead, are dropped.
     for i in range(15, 25):
         client.track("Ahead", {"i": i}, user_id="u1")

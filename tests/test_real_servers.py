@@ -89,13 +89,7 @@ def test_gunicorn_preload_workers_deliver_their_own_events_at_exit(collector: Co
         sys.executable, "-m", "gunicorn", "--preload", "--workers", "2", "--bind", f"127.0.0.1:{port}",
         "--graceful-timeout", "20", "app:app",
     ]  # fmt: skip
-    proc = run_process(
-        argv,
-        timeout=90,
-        env=server_env(collector),
-        cwd=str(tmp_path),
-        on_start=lambda p: threading.Thread(target=drive, args=(p, port, paths, answers), daemon=True).start(),
-    )
+    proc = serve_and_drive(argv, collector, tmp_path, port, paths, answers)
     assert len(answers) == 20, proc.stderr
     events = collector.wait_for_events(21, timeout=10)
     views = [e for e in events if e["event"] == "Page Viewed"]
@@ -106,6 +100,19 @@ def test_gunicorn_preload_workers_deliver_their_own_events_at_exit(collector: Co
     served_by = {int(a) for a in answers}
     assert {e["properties"]["pid"] for e in views} == served_by
     assert len(boots) == 1 and boots[0]["properties"]["pid"] not in served_by
+
+
+def serve_and_drive(
+    argv: List[str], collector: Collector, tmp_path: Path, port: int, paths: List[str], answers: List[str]
+) -> subprocess.CompletedProcess[str]:
+    """Run the server in ``argv`` (its process group killed on timeout) while ``drive`` requests ``paths``."""
+    return run_process(
+        argv,
+        timeout=90,
+        env=server_env(collector),
+        cwd=str(tmp_path),
+        on_start=lambda p: threading.Thread(target=drive, args=(p, port, paths, answers), daemon=True).start(),
+    )
 
 
 UVICORN_APP = textwrap.dedent(
@@ -133,13 +140,7 @@ def test_uvicorn_app_with_the_asgi_middleware_delivers_at_shutdown(collector: Co
     answers: List[str] = []
     paths = [f"/api/{i}" for i in range(10)]
     argv = [sys.executable, "-m", "uvicorn", "asgi_app:app", "--host", "127.0.0.1", "--port", str(port)]
-    proc = run_process(
-        argv,
-        timeout=90,
-        env=server_env(collector),
-        cwd=str(tmp_path),
-        on_start=lambda p: threading.Thread(target=drive, args=(p, port, paths, answers), daemon=True).start(),
-    )
+    proc = serve_and_drive(argv, collector, tmp_path, port, paths, answers)
     assert answers == ["ok"] * 10, proc.stderr
     events = collector.wait_for_events(10, timeout=10)
     assert sorted((e["properties"]["path"], e["userId"]) for e in events) == sorted(
