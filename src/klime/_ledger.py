@@ -148,8 +148,13 @@ class Ledger:
         q = self.queue
         if not q:
             return None
-        n = min(len(q), size)
-        batch = Batch(SEND, [q.popleft() for _ in range(n)])
+        if len(q) <= size:
+            events = list(q)
+            q.clear()
+        else:
+            take = q.popleft
+            events = [take() for _ in range(size)]
+        batch = Batch(SEND, events)
         self.batches.add(batch)
         return batch
 

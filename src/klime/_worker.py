@@ -126,7 +126,11 @@ class Worker:
             overflow = ledger.add(ev)
             if self._accepting:
                 if not self._wake_pending and (
-                    overflow or (len(ledger.queue) >= self._send_at and self._dispatch_needed())
+                    overflow
+                    or (
+                        len(ledger.queue) >= self._send_at
+                        and (self._idle or not self._lanes or (self._widen and self._lanes < self._max_lanes))
+                    )
                 ):
                     self._wake_pending = True
                     self._work.notify()
