@@ -23,7 +23,7 @@ from datetime import time as dt_time
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 from freezegun import freeze_time
@@ -1063,6 +1063,42 @@ def test_a_batch_in_one_piece_is_the_same_as_event_by_event() -> None:
     wire = json.loads(fast.body)["batch"]
     assert [e["messageId"] for e in wire] == [ev.messageId for ev in fast_events]
     assert wire[0]["messageId"] == 'given-0-"x"' and UUID4.match(wire[4]["messageId"])
+
+
+def test_quoted_names_and_ids_kept_across_batches_stay_bounded_and_correct(monkeypatch: pytest.MonkeyPatch) -> None:
+    from klime import _event
+
+    monkeypatch.setattr(_event, "_QUOTED_MAX", 5)
+    for cache in (_event._NAMES, _event._USERS, _event._GROUPS):
+        cache.clear()  # None's entry too: the first lookup of None adds it back
+    for round_ in range(4):
+        fast_events = _mixed_events()
+        fast_events += [new_event("track", f"E{k % 7}", f"user {k}", None, {"k": k}, None, 1.7e9) for k in range(40)]
+        slow_events = list(fast_events)
+        fast = Codec().prepare(fast_events)
+        assert fast.texts is None
+        wire = json.loads(fast.body)["batch"]
+        for ev, sent in zip(slow_events, wire):
+            assert sent.get("event") == ev.event and sent.get("userId") == ev.userId
+            assert sent.get("groupId") == ev.groupId, round_
+        for cache in (_event._NAMES, _event._USERS, _event._GROUPS):
+            assert len(cache) <= 5
+
+
+def test_quoted_cache_keeps_only_plain_strings() -> None:
+    from klime import _event
+
+    class Loose(str):
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, str) and str.lower(self) == str.lower(other)
+
+        __hash__ = str.__hash__
+
+    assert _event._quoted({}, ',"userId":', Loose("AbC")) == ',"userId":"AbC"'
+    cache: Dict[Optional[str], str] = {}
+    _event._quoted(cache, ',"userId":', Loose("AbC"))
+    _event._quoted(cache, ',"userId":', None)
+    assert cache == {None: ""}
 
 
 def test_one_piece_timestamps_are_each_events_own_millisecond() -> None:

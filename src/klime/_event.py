@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -299,8 +300,30 @@ def is_text(value: Any) -> bool:
 
 # --- message ids -----------------------------------------------------------
 
-# Where each of a UUID's 32 hex digits goes in its 36-character text.
-_UUID_COLUMNS = tuple(enumerate(p for p in range(36) if p not in (8, 13, 18, 23)))
+# Each id's text is laid out in a row of 40 bytes (36 for the id, then 4
+# newlines that split() removes). A row of 32 hex digits goes into it as
+# these runs: (where in the row, where in the digits, how many).
+_UUID_ROW = 40
+_UUID_ROW_TEXT = b"-" * 36 + b"\n" * (_UUID_ROW - 36)
+_UUID_RUNS = ((0, 0, 8), (9, 8, 4), (14, 12, 4), (20, 17, 3), (24, 20, 12))
+
+
+def _uuid_plan() -> Tuple[Tuple[str, int, int], ...]:
+    """The runs as column copies of the widest unit both ends are aligned to."""
+    plan = []
+    for dst, src, length in _UUID_RUNS:
+        while length:
+            for fmt in ("I", "H", "B"):
+                size = struct.calcsize(fmt)
+                if size <= length and dst % size == 0 and src % size == 0 and _UUID_ROW % size == 0:
+                    plan.append((fmt, dst // size, src // size))
+                    dst, src, length = dst + size, src + size, length - size
+                    break
+    return tuple(plan)
+
+
+_UUID_PLAN = _uuid_plan()
+_UUID_UNITS = tuple((fmt, struct.calcsize(fmt)) for fmt in sorted({fmt for fmt, _, _ in _UUID_PLAN}))
 # The variant digit (the 17th) takes its top two bits from RFC 4122: 10xx.
 _UUID_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
 
@@ -310,20 +333,25 @@ def new_message_ids(n: int) -> List[str]:
 
     One ``os.urandom`` call for the lot: it is fork-safe (no generator state
     to reseed in a child) and much cheaper than ``uuid.uuid4()`` per event.
-    The texts are laid out column by column (each slice assignment places
-    one hex digit of every id), so the work per id is a single slice
-    (docs/design.md, Values).
+    The texts are laid out column by column: each slice assignment places
+    four (or two, or one) hex digits of every id, so the work per id is a
+    few byte copies (docs/design.md, Values).
     """
     if n <= 0:
         return []
     digits = os.urandom(16 * n).hex().encode("ascii")
-    text = bytearray(b"-" * (36 * n))
-    for k, at in _UUID_COLUMNS:
-        text[at::36] = digits[k::32]
-    text[14::36] = b"4" * n
-    text[19::36] = digits[16::32].translate(_UUID_VARIANT)
-    ids = text.decode("ascii")
-    return [ids[i : i + 36] for i in range(0, 36 * n, 36)]
+    text = bytearray(_UUID_ROW_TEXT * n)
+    to, source = memoryview(text), memoryview(digits)
+    views = {
+        fmt: (to.cast(fmt), source.cast(fmt), _UUID_ROW // size, 32 // size)  # type: ignore[call-overload]
+        for fmt, size in _UUID_UNITS
+    }
+    for fmt, at, k in _UUID_PLAN:
+        dst, src, dst_step, src_step = views[fmt]
+        dst[at::dst_step] = src[k::src_step]
+    text[14::_UUID_ROW] = b"4" * n
+    text[19::_UUID_ROW] = digits[16::32].translate(_UUID_VARIANT)
+    return text.decode("ascii").split()
 
 
 def assign_message_ids(events: Sequence[Event]) -> None:
@@ -914,6 +942,27 @@ _BATCH_END = _CONTEXT_TAIL + "]}"
 _BATCH_OVERHEAD = len(_BODY_HEAD) + len(_BODY_TAIL)
 
 
+# The names and ids of recent events as JSON members (``,"userId":"..."``):
+# the same few event names and a working set of users recur batch after
+# batch. Shared by every client and lane; each holds at most _QUOTED_MAX
+# entries and is emptied when full (docs/design.md, "Values").
+_NAMES: Dict[Optional[str], str] = {None: ""}
+_USERS: Dict[Optional[str], str] = {None: ""}
+_GROUPS: Dict[Optional[str], str] = {None: ""}
+_QUOTED_MAX = 4096
+
+
+def _quoted(cache: Dict[Optional[str], str], member: str, value: Optional[str]) -> str:
+    """``member`` and ``value`` quoted (nothing for None), kept in ``cache``."""
+    text = "" if value is None else member + _quote(value)
+    if type(value) is str or value is None:
+        if len(cache) >= _QUOTED_MAX:
+            # Another lane may read meanwhile: it finds an entry or comes here.
+            cache.clear()
+        cache[value] = text
+    return text
+
+
 def _fixed_fields(ev: Event, head: str) -> str:
     """A client-built event's JSON up to its properties/traits.
 
@@ -980,9 +1029,7 @@ def _plain_batch(
     # and ids repeat within a batch: each is quoted once.
     last_ms: Optional[int] = None
     last_ts = ""
-    names: Dict[Optional[str], str] = {None: ""}
-    users: Dict[Optional[str], str] = {None: ""}
-    groups: Dict[Optional[str], str] = {None: ""}
+    names, users, groups = _NAMES, _USERS, _GROUPS
     for ev, piece in zip(events, pieces):
         ts = ev._ts
         if type(ts) is float:
@@ -1009,13 +1056,13 @@ def _plain_batch(
             mid = _quote(mid)[1:-1]
         name = names.get(ev.event)
         if name is None:
-            name = names[ev.event] = _K_EVENT + _quote(ev.event)  # type: ignore[arg-type]  # None is in the dict
+            name = _quoted(names, _K_EVENT, ev.event)
         user = users.get(ev.userId)
         if user is None:
-            user = users[ev.userId] = _K_USER + _quote(ev.userId)  # type: ignore[arg-type]  # None is in the dict
+            user = _quoted(users, _K_USER, ev.userId)
         group = groups.get(ev.groupId)
         if group is None:
-            group = groups[ev.groupId] = _K_GROUP + _quote(ev.groupId)  # type: ignore[arg-type]  # None is in the dict
+            group = _quoted(groups, _K_GROUP, ev.groupId)
         add(
             f'{_HEAD[ev.type]}"{mid}","timestamp":"{ts}"{name}{user}{group}'
             f"{_K_TRAITS if ev.properties is None else _K_PROPERTIES}{piece}{_EVENT_END}"
