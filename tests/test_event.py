@@ -1099,6 +1099,11 @@ def test_quoted_cache_keeps_only_plain_strings() -> None:
     _event._quoted(cache, ',"userId":', Loose("AbC"))
     _event._quoted(cache, ',"userId":', None)
     assert cache == {None: ""}
+    # A long id is quoted each time rather than kept: the caches stay small.
+    long_id = "u" * (_event._QUOTED_LONGEST + 1)
+    assert _event._quoted(cache, ',"userId":', long_id) == ',"userId":"' + long_id + '"'
+    assert _event._quoted(cache, ',"userId":', long_id[:-1]) == ',"userId":"' + long_id[:-1] + '"'
+    assert set(cache) == {None, long_id[:-1]}
 
 
 def test_one_piece_timestamps_are_each_events_own_millisecond() -> None:

@@ -945,17 +945,19 @@ _BATCH_OVERHEAD = len(_BODY_HEAD) + len(_BODY_TAIL)
 # The names and ids of recent events as JSON members (``,"userId":"..."``):
 # the same few event names and a working set of users recur batch after
 # batch. Shared by every client and lane; each holds at most _QUOTED_MAX
-# entries and is emptied when full (docs/design.md, "Values").
+# entries (about; lanes may add at once) and is emptied when full
+# (docs/design.md, "Values").
 _NAMES: Dict[Optional[str], str] = {None: ""}
 _USERS: Dict[Optional[str], str] = {None: ""}
 _GROUPS: Dict[Optional[str], str] = {None: ""}
 _QUOTED_MAX = 4096
+_QUOTED_LONGEST = 256  # longer values are quoted each time: the caches stay small
 
 
 def _quoted(cache: Dict[Optional[str], str], member: str, value: Optional[str]) -> str:
     """``member`` and ``value`` quoted (nothing for None), kept in ``cache``."""
     text = "" if value is None else member + _quote(value)
-    if type(value) is str or value is None:
+    if value is None or (type(value) is str and len(value) <= _QUOTED_LONGEST):
         if len(cache) >= _QUOTED_MAX:
             # Another lane may read meanwhile: it finds an entry or comes here.
             cache.clear()

@@ -148,12 +148,11 @@ class Ledger:
         q = self.queue
         if not q:
             return None
-        if len(q) <= size:
-            events = list(q)
-            q.clear()
-        else:
-            take = q.popleft
-            events = [take() for _ in range(size)]
+        take = q.popleft
+        # One at a time, never more than were there: a signal handler on this
+        # thread may queue an event or take the queue between two pops
+        # (docs/design.md, "Threads and locks").
+        events = [take() for _ in range(min(len(q), size)) if q]
         batch = Batch(SEND, events)
         self.batches.add(batch)
         return batch

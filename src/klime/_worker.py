@@ -125,6 +125,7 @@ class Worker:
             ledger = self.ledger
             overflow = ledger.add(ev)
             if self._accepting:
+                # _dispatch_needed(), inlined: this runs on every call behind a busy lane.
                 if not self._wake_pending and (
                     overflow
                     or (
