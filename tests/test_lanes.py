@@ -61,16 +61,24 @@ def test_one_lane_without_a_backlog(raw_servers: RawServers, make_client: MakeCl
 def test_a_backlog_is_sent_on_several_connections_at_once(
     raw_servers: RawServers, make_client: MakeClient, recorder: Recorder
 ) -> None:
-    distant = Distant(0.1)
-    server = raw_servers(distant)
-    client = make_client(server.url, max_batch_size=10, max_queue_size=1000)
-    for i in range(400):
-        client.track("Burst", {"i": i}, user_id="u1", message_id=f"b-{i}")
-    assert client.flush(timeout=30) is True
-    assert sorted(delivered_ids(server)) == sorted(f"b-{i}" for i in range(400))
+    distant, server, client = send_backlog(raw_servers, make_client, 0.1, "Burst", timeout=30)
     assert recorder.errors == []
     assert 2 <= distant.peak <= client._options.max_in_flight
     assert 2 <= server.connections <= client._options.max_in_flight + 1
+
+
+def send_backlog(
+    raw_servers: RawServers, make_client: MakeClient, delay: float, name: str, timeout: float
+) -> Tuple[Distant, RawServer, KlimeClient]:
+    """400 events with known ids to a server ``delay`` s away, flushed and checked all delivered."""
+    distant = Distant(delay)
+    server = raw_servers(distant)
+    client = make_client(server.url, max_batch_size=10, max_queue_size=1000)
+    for i in range(400):
+        client.track(name, {"i": i}, user_id="u1", message_id=f"{name}-{i}")
+    assert client.flush(timeout=timeout) is True
+    assert sorted(delivered_ids(server)) == sorted(f"{name}-{i}" for i in range(400))
+    return distant, server, client
 
 
 def test_max_in_flight_bounds_the_lanes(raw_servers: RawServers, make_client: MakeClient) -> None:
@@ -249,15 +257,9 @@ def test_a_busy_application_still_gets_lanes_against_a_distant_server(
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     try:
-        distant = Distant(0.05)
-        server = raw_servers(distant)
-        client = make_client(server.url, max_batch_size=10, max_queue_size=1000)
-        for i in range(400):
-            client.track("Busy", {"i": i}, user_id="u1", message_id=f"busy-{i}")
-        assert client.flush(timeout=60) is True
+        distant, _, _ = send_backlog(raw_servers, make_client, 0.05, "Busy", timeout=60)
     finally:
         stop.set()
         spinner.join(10)
-    assert sorted(delivered_ids(server)) == sorted(f"busy-{i}" for i in range(400))
     assert recorder.errors == []
     assert distant.peak >= 2, "several requests in flight"
